@@ -1,0 +1,132 @@
+"""Users, keys and credit grants: the service layer the CLI (and admin API) call.
+
+Postgres records users and keys; Redis holds the live balance (via :class:`Ledger`) and
+the key mirror the proxy reads.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from .config import Config
+from .keys import KeyMirror, generate_key, hash_key
+from .ledger import Ledger, now_ms
+from .tiers import MICRO_PER_CREDIT
+
+
+class AccountError(Exception):
+    """A request the service cannot honour (unknown tier, unknown user, ...)."""
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key_id: str
+    api_key: str
+
+
+class Accounts:
+    """Creates users and keys and moves credits outside requests."""
+
+    def __init__(self, pool: asyncpg.Pool, ledger: Ledger, mirror: KeyMirror, config: Config):
+        self.pool = pool
+        self.ledger = ledger
+        self.mirror = mirror
+        self.config = config
+
+    async def create_user(self, email: str, tier: str) -> tuple[str, NewKey]:
+        """Create a user on ``tier``, open the first cycle with its allowance, issue a key."""
+        tiers = self.config.tiers
+        if tier not in tiers.tiers:
+            raise AccountError(f"unknown tier {tier!r}; tiers are {', '.join(tiers.tiers)}")
+        user_id = "usr_" + uuid.uuid4().hex[:20]
+        try:
+            await self.pool.execute("INSERT INTO users (id, email, tier) VALUES ($1, $2, $3)", user_id, email, tier)
+        except asyncpg.UniqueViolationError:
+            raise AccountError(f"a user with email {email!r} already exists") from None
+        await self.ledger.open_account(
+            user_id=user_id,
+            tier=tier,
+            allowance_micro=tiers.tiers[tier].allowance_micro,
+            cycle_start_ms=now_ms(),
+            cycle_ms=tiers.cycle_ms,
+        )
+        return user_id, await self.create_key(user_id)
+
+    async def _require_user(self, user_id: str) -> asyncpg.Record:
+        row = await self.pool.fetchrow("SELECT * FROM users WHERE id = $1 OR email = $1", user_id)
+        if row is None:
+            raise AccountError(f"no user {user_id!r}")
+        return row
+
+    async def create_key(self, user_id: str, name: str = "") -> NewKey:
+        """Issue a key for a user; the key itself is returned here and never again."""
+        user = await self._require_user(user_id)
+        key = generate_key()
+        key_id = "key_" + uuid.uuid4().hex[:20]
+        digest = hash_key(key)
+        await self.pool.execute(
+            "INSERT INTO api_keys (id, user_id, name, key_hash, key_prefix) VALUES ($1, $2, $3, $4, $5)",
+            key_id, user["id"], name, digest, key[:10],
+        )
+        await self.mirror.put(digest, user["id"], key_id)
+        return NewKey(key_id=key_id, api_key=key)
+
+    async def list_keys(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Keys (never their secrets), newest first; all users' when ``user_id`` is None."""
+        if user_id is not None:
+            user_id = (await self._require_user(user_id))["id"]
+        rows = await self.pool.fetch(
+            "SELECT id, user_id, name, key_prefix, created_at, revoked_at FROM api_keys"
+            " WHERE $1::text IS NULL OR user_id = $1 ORDER BY created_at DESC",
+            user_id,
+        )
+        return [dict(r) for r in rows]
+
+    async def revoke_key(self, key_id: str) -> None:
+        """Revoke a key: it stops working on every proxy within ``KEY_CACHE_SECONDS``."""
+        row = await self.pool.fetchrow(
+            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1 RETURNING key_hash", key_id
+        )
+        if row is None:
+            raise AccountError(f"no key {key_id!r}")
+        await self.mirror.remove(row["key_hash"])
+
+    async def grant(self, user_id: str, credits: int, reason: str) -> int:
+        """Add ``credits`` (negative to remove) as a ledger entry; returns the new balance in µ$."""
+        user = await self._require_user(user_id)
+        balance = await self.ledger.add(
+            user_id=user["id"], amount_micro=credits * MICRO_PER_CREDIT, kind="grant", reason=reason
+        )
+        assert balance is not None  # a fresh event id is never a duplicate
+        return balance
+
+    async def show(self, user_id: str, ledger_rows: int = 50) -> dict[str, Any]:
+        """The user, the live Redis account and the latest Postgres ledger entries."""
+        user = await self._require_user(user_id)
+        account = await self.ledger.account(user["id"])
+        rows = await self.pool.fetch(
+            "SELECT id, kind, amount_micro, balance_micro, reason, created_at FROM ledger"
+            " WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+            user["id"], ledger_rows,
+        )
+        total = await self.pool.fetchval(
+            "SELECT coalesce(sum(amount_micro), 0) FROM ledger WHERE user_id = $1", user["id"]
+        )
+        return {
+            "user": dict(user),
+            "account": account,
+            "ledger_sum_micro": int(total),
+            "ledger": [dict(r) for r in rows],
+        }
+
+
+async def sync_key_mirror(pool: asyncpg.Pool, mirror: KeyMirror) -> int:
+    """Rewrite the Redis key mirror from Postgres (e.g. after a Redis loss); returns keys written."""
+    rows = await pool.fetch("SELECT id, user_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
+    for row in rows:
+        await mirror.put(row["key_hash"], row["user_id"], row["id"])
+    return len(rows)

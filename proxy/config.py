@@ -1,0 +1,153 @@
+"""Loading, validating and hot-reloading ``pricing.yaml`` and ``tiers.yaml``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from . import metrics
+from .pricing import PriceBook, PricingFile
+from .providers import registry
+from .tiers import TiersFile, model_matches
+
+log = logging.getLogger("costproxy.config")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated pair of pricing and tiers, swapped as a whole on reload."""
+
+    prices: PriceBook
+    tiers: TiersFile
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _parse(path: Path, model: type[M]) -> M:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    try:
+        return model.model_validate(data if data is not None else {})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            value = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
+            problems.append(f"{path}: {_dotted(err['loc'])}: {err['msg']}{value}")
+        raise ConfigError(problems) from None
+
+
+def _cross_check(pricing_path: Path, tiers_path: Path, prices: PriceBook, tiers: TiersFile) -> list[str]:
+    problems = []
+    for provider, entry in prices.providers.items():
+        wire = entry.wire or provider
+        if wire not in registry.WIRES:
+            problems.append(
+                f"{pricing_path}: providers.{provider}: no built-in provider of that name; "
+                f"set wire: to one of {', '.join(sorted(registry.WIRES))}"
+            )
+        elif provider not in registry.BUILTIN_URLS and not entry.base_url:
+            problems.append(f"{pricing_path}: providers.{provider}.base_url: required for a provider that is not built in")
+    for name, tier in tiers.tiers.items():
+        for i, provider in enumerate(tier.providers):
+            if provider not in prices.providers:
+                problems.append(
+                    f"{tiers_path}: tiers.{name}.providers.{i}: {provider!r} is not a provider in "
+                    f"{pricing_path} ({', '.join(prices.providers)})"
+                )
+        for i, pattern in enumerate(tier.models or []):
+            if not any(model_matches(pattern, p, m) for p in tier.providers for m in prices.model_names(p)):
+                problems.append(
+                    f"{tiers_path}: tiers.{name}.models.{i}: {pattern!r} matches no model of the tier's "
+                    f"providers in {pricing_path}"
+                )
+    return problems
+
+
+def load_config(pricing_path: Path, tiers_path: Path) -> Config:
+    """Read and validate both files; raise :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    parsed: dict[str, Any] = {}
+    for key, path, model in (("pricing", pricing_path, PricingFile), ("tiers", tiers_path, TiersFile)):
+        try:
+            parsed[key] = _parse(path, model)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    prices = PriceBook(parsed["pricing"])
+    problems = _cross_check(pricing_path, tiers_path, prices, parsed["tiers"])
+    if problems:
+        raise ConfigError(problems)
+    return Config(prices=prices, tiers=parsed["tiers"])
+
+
+class ConfigStore:
+    """Holds the running config and swaps in edits that validate; keeps the last good one."""
+
+    def __init__(self, pricing_path: Path, tiers_path: Path):
+        self.pricing_path = pricing_path
+        self.tiers_path = tiers_path
+        self._stamp = self._read_stamp()
+        self.current = load_config(pricing_path, tiers_path)
+        metrics.CONFIG_RELOAD_OK.set(1)
+
+    def _read_stamp(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in (self.pricing_path, self.tiers_path):
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamps.append((0, 0))
+        return tuple(stamps)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when either file changed on disk; return True if a new config is live."""
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_config(self.pricing_path, self.tiers_path)
+        except ConfigError as exc:
+            metrics.CONFIG_RELOAD_OK.set(0)
+            metrics.CONFIG_RELOADS.labels(result="error").inc()
+            log.error("config edit rejected, still running the last good config:\n%s", exc)
+            return False
+        metrics.CONFIG_RELOAD_OK.set(1)
+        metrics.CONFIG_RELOADS.labels(result="ok").inc()
+        log.info("config reloaded from %s and %s", self.pricing_path, self.tiers_path)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Poll both files every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_if_changed()

@@ -1,0 +1,180 @@
+"""Pass an admitted request upstream, relay the answer as it arrives, and settle the hold.
+
+Non-streamed answers are read whole (they arrive whole anyway), charged, and returned
+with ``x-credits-charged`` / ``x-credits-remaining``. Streams are relayed chunk by chunk;
+the charge follows the last chunk. If the client leaves mid-stream the upstream is still
+read for up to ``DRAIN_SECONDS`` so the usage the provider bills can be charged; a stream
+that never reports usage is charged an estimate, marked as such in the usage log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiohttp import ClientConnectionResetError, ClientError, ClientSession, ClientTimeout, web
+from multidict import CIMultiDict
+
+from . import metrics
+from .gate import Ticket, credits
+from .ledger import Ledger
+from .pricing import Usage
+from .providers.base import HOP_BY_HOP, Provider, ProxyError, StreamMeter
+
+log = logging.getLogger("costproxy.forward")
+
+_CLIENT_GONE = (ConnectionResetError, ClientConnectionResetError)
+
+
+def _client_headers(upstream: CIMultiDict[str] | object) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in upstream.items() if k.lower() not in HOP_BY_HOP)  # type: ignore[attr-defined]
+
+
+class Forwarder:
+    """Relays requests for one proxy process over a shared upstream connection pool."""
+
+    def __init__(self, session: ClientSession, ledger: Ledger, connect_timeout: float, read_timeout: float, drain_seconds: float):
+        self.session = session
+        self.ledger = ledger
+        self.timeout = ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
+        self.drain_seconds = drain_seconds
+
+    async def relay_free(self, request: web.Request, provider: Provider, tail: str, body: bytes) -> web.Response:
+        """Pass an unmetered request (model listings, token counts) through as it is."""
+        try:
+            async with self.session.request(
+                request.method, provider.upstream_url(tail, request.query_string),
+                headers=provider.upstream_headers(request.headers), data=body or None, timeout=self.timeout,
+            ) as upstream:
+                return web.Response(status=upstream.status, body=await upstream.read(), headers=_client_headers(upstream.headers))
+        except (ClientError, asyncio.TimeoutError) as exc:
+            raise _unreachable(provider, exc) from None
+
+    async def relay(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
+        """Forward a metered request and charge what it used."""
+        sent = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method, provider.upstream_url(tail, request.query_string),
+                headers=provider.upstream_headers(request.headers), data=ticket.call.body, timeout=self.timeout,
+            )
+        except (ClientError, asyncio.TimeoutError) as exc:
+            await self._void(ticket, provider, "upstream_unreachable")
+            raise _unreachable(provider, exc) from None
+        async with upstream:
+            if upstream.status >= 400:
+                return await self._relay_error(upstream, provider, ticket)
+            if ticket.call.stream:
+                return await self._relay_stream(request, upstream, provider, ticket, started, sent)
+            return await self._relay_whole(upstream, provider, ticket, started, sent)
+
+    async def _relay_error(self, upstream, provider: Provider, ticket: Ticket) -> web.Response:
+        try:
+            body = await upstream.read()
+        finally:
+            await self._void(ticket, provider, f"upstream_{upstream.status}")
+        self._count(provider, ticket, upstream.status)
+        return web.Response(status=upstream.status, body=body, headers=_client_headers(upstream.headers))
+
+    async def _relay_whole(self, upstream, provider: Provider, ticket: Ticket, started: float, sent: float) -> web.Response:
+        try:
+            body = await upstream.read()
+        except (ClientError, asyncio.TimeoutError) as exc:
+            await self._void(ticket, provider, "upstream_broken")
+            raise _unreachable(provider, exc) from None
+        upstream_seconds = time.perf_counter() - sent
+        try:
+            usage = provider.usage_from_body(ticket.call, orjson.loads(body))
+        except orjson.JSONDecodeError:
+            usage = None
+        if usage is None:
+            usage = Usage(input_tokens=-(-ticket.call.prompt_upper_bound // 4), estimated=True)
+        cost, balance = await self._post(ticket, provider, usage, upstream.status, upstream_seconds)
+        headers = _client_headers(upstream.headers)
+        headers["x-credits-charged"] = credits(cost)
+        headers["x-credits-remaining"] = credits(balance)
+        metrics.OVERHEAD.labels(provider.name).observe(max(0.0, time.perf_counter() - started - upstream_seconds))
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _relay_stream(
+        self, request: web.Request, upstream, provider: Provider, ticket: Ticket, started: float, sent: float
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream.headers))
+        meter = provider.stream_meter(ticket.call)
+        gauge = metrics.ACTIVE_STREAMS.labels(provider.name)
+        gauge.inc()
+        client_gone = False
+        try:
+            await response.prepare(request)
+            async with asyncio.timeout(None) as limit:
+                try:
+                    async for chunk in upstream.content.iter_any():
+                        out = meter.feed(chunk)
+                        if out and not client_gone:
+                            try:
+                                await response.write(out)
+                            except _CLIENT_GONE:
+                                client_gone = True
+                                limit.reschedule(asyncio.get_running_loop().time() + self.drain_seconds)
+                    tail = meter.finish()
+                    if tail and not client_gone:
+                        await response.write(tail)
+                except _CLIENT_GONE:
+                    client_gone = True
+                except (ClientError, asyncio.TimeoutError) as exc:
+                    log.warning("%s stream broke off: %r", provider.name, exc)
+            if not client_gone:
+                await response.write_eof()
+        except _CLIENT_GONE:
+            client_gone = True
+        finally:
+            gauge.dec()
+            upstream_seconds = time.perf_counter() - sent
+            await asyncio.shield(self._post(ticket, provider, meter.usage or meter.estimate(), upstream.status, upstream_seconds, stream=True))
+            # For a stream the proxy's own time is what passes before the request goes out.
+            metrics.OVERHEAD.labels(provider.name).observe(sent - started)
+        return response
+
+    async def _post(
+        self, ticket: Ticket, provider: Provider, usage: Usage, status: int, upstream_seconds: float, stream: bool = False
+    ) -> tuple[int, int]:
+        cost = ticket.model.cost_micro(usage, ticket.call.service_tier, ticket.call.batch)
+        tier_name = ticket.identity.tier
+        result = await self.ledger.post(
+            user_id=ticket.identity.user_id,
+            hold_id=ticket.hold_id,
+            cost_micro=cost,
+            tokens=usage.total_tokens,
+            event={
+                "key": ticket.identity.key_id, "provider": provider.name, "model": ticket.model.name,
+                "tier": tier_name, "in": usage.input_tokens, "cached": usage.cached_input_tokens,
+                "cache_write": usage.cache_write_tokens + usage.cache_write_1h_tokens, "out": usage.output_tokens,
+                "reasoning": usage.reasoning_tokens, "estimated": int(usage.estimated), "stream": int(stream),
+                "status": status, "ms": int(upstream_seconds * 1000),
+            },
+        )
+        labels = (provider.name, ticket.model.name, tier_name)
+        metrics.UPSTREAM_LATENCY.labels(provider.name).observe(upstream_seconds)
+        metrics.TOKENS.labels(*labels, "input").inc(usage.prompt_tokens)
+        metrics.TOKENS.labels(*labels, "output").inc(usage.output_tokens)
+        metrics.COST.labels(*labels).inc(cost)
+        if usage.estimated:
+            metrics.ESTIMATED.labels(provider.name).inc()
+        self._count(provider, ticket, status)
+        return cost, result.balance
+
+    async def _void(self, ticket: Ticket, provider: Provider, reason: str) -> None:
+        await asyncio.shield(self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, reason=reason))
+        metrics.HOLDS_VOIDED.labels(reason=reason).inc()
+
+    @staticmethod
+    def _count(provider: Provider, ticket: Ticket, status: int) -> None:
+        metrics.REQUESTS.labels(provider.name, ticket.model.name, ticket.identity.tier, str(status)).inc()
+
+
+def _unreachable(provider: Provider, exc: BaseException) -> ProxyError:
+    if isinstance(exc, asyncio.TimeoutError):
+        return ProxyError(504, "upstream_timeout", f"{provider.name} did not answer in time; nothing was charged.", should_retry=True)
+    return ProxyError(502, "upstream_unreachable", f"{provider.name} could not be reached; nothing was charged.", should_retry=True)

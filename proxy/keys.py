@@ -1,0 +1,94 @@
+"""Proxy keys: generation, hashing, the Redis mirror and the hot-path lookup cache.
+
+Postgres is the record of keys; Redis holds a mirror (``<prefix>key:<sha256>``) that the
+proxy reads, so serving a request never touches Postgres. Each proxy process caches
+lookups for ``KEY_CACHE_SECONDS``: a revoked key stops working everywhere within that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from .ledger import Ledger
+
+KEY_PREFIX = "cpk-"
+_CACHE_LIMIT = 100_000
+
+
+def generate_key() -> str:
+    """A new proxy key: 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """How a key is stored and looked up (a fast hash suffices for 256-bit random keys)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a key belongs to, and the tier their account had when last looked up."""
+
+    user_id: str
+    key_id: str
+    tier: str
+
+
+class KeyMirror:
+    """The Redis copy of active keys, written by the account service."""
+
+    def __init__(self, redis: Redis, prefix: str):
+        self.redis = redis
+        self.prefix = prefix
+
+    def _key(self, key_hash: str) -> str:
+        return f"{self.prefix}key:{key_hash}"
+
+    async def put(self, key_hash: str, user_id: str, key_id: str) -> None:
+        await self.redis.hset(self._key(key_hash), mapping={"user": user_id, "key": key_id})
+
+    async def remove(self, key_hash: str) -> None:
+        await self.redis.delete(self._key(key_hash))
+
+    async def get(self, key_hash: str) -> tuple[str, str] | None:
+        found = await self.redis.hmget(self._key(key_hash), "user", "key")
+        return (found[0].decode(), found[1].decode()) if found[0] and found[1] else None
+
+
+class KeyCache:
+    """Per-process cache of key → identity, misses included, for ``ttl`` seconds."""
+
+    def __init__(self, mirror: KeyMirror, ledger: Ledger, ttl: float):
+        self.mirror = mirror
+        self.ledger = ledger
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, Identity | None]] = {}
+
+    async def lookup(self, key: str) -> Identity | None:
+        """The identity of a proxy key, or None if it is unknown or revoked."""
+        key_hash = hash_key(key)
+        now = time.monotonic()
+        hit = self._entries.get(key_hash)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        identity = None
+        owner = await self.mirror.get(key_hash)
+        if owner is not None:
+            tier = await self.ledger.redis.hget(self.ledger.account_key(owner[0]), "tier")
+            if tier is not None:
+                identity = Identity(user_id=owner[0], key_id=owner[1], tier=tier.decode())
+        if len(self._entries) >= _CACHE_LIMIT:
+            self._entries.clear()
+        self._entries[key_hash] = (now + self.ttl, identity)
+        return identity
+
+    def retier(self, key: str, identity: Identity, tier: str) -> Identity:
+        """Remember that the account's tier changed (learned from the admission script)."""
+        updated = Identity(identity.user_id, identity.key_id, tier)
+        self._entries[hash_key(key)] = (time.monotonic() + self.ttl, updated)
+        return updated

@@ -1,0 +1,183 @@
+"""The money path: credit holds, charges and grants as atomic Redis scripts.
+
+Every account lives in one of :data:`SHARDS` shards. An account's keys and its shard's
+ledger stream share a hash tag (``{s7}``), so each script touches one cluster slot and
+"move money + append the ledger event" is a single atomic step. The worker drains the
+shard streams into Postgres (:mod:`proxy.usage`).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+SHARDS = 16
+MARKER_TTL_MS = 400 * 86_400_000  # grant ids and resolved holds are remembered this long
+_HERE = Path(__file__).parent
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id(prefix: str) -> str:
+    """A unique ledger/hold id such as ``hold_3f2a...``."""
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def shard_of(user_id: str) -> int:
+    return zlib.crc32(user_id.encode()) % SHARDS
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Outcome of :meth:`Ledger.admit`: ``reason`` is ``"ok"`` or why it was refused."""
+
+    reason: str
+    balance: int = 0
+    held: int = 0
+    actual_tier: str | None = None
+    retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Outcome of posting or voiding a hold; ``duplicate`` if it was already resolved."""
+
+    duplicate: bool
+    balance: int = 0
+    held: int = 0
+
+
+class Ledger:
+    """Python face of the ledger scripts; one instance per Redis connection pool."""
+
+    def __init__(self, redis: Redis, prefix: str):
+        self.redis = redis
+        self.prefix = prefix
+        self._admit = redis.register_script((_HERE / "admit.lua").read_text())
+        self._resolve = redis.register_script((_HERE / "resolve.lua").read_text())
+        self._grant = redis.register_script((_HERE / "grant.lua").read_text())
+
+    # key layout -----------------------------------------------------------------------
+    def _tag(self, user_id: str) -> str:
+        return f"{self.prefix}{{s{shard_of(user_id)}}}"
+
+    def account_key(self, user_id: str) -> str:
+        return f"{self._tag(user_id)}:acct:{user_id}"
+
+    def stream_keys(self) -> list[str]:
+        """The ledger stream of every shard."""
+        return [f"{self.prefix}{{s{n}}}:ledger" for n in range(SHARDS)]
+
+    def holds_keys(self) -> list[str]:
+        return [f"{self.prefix}{{s{n}}}:holds" for n in range(SHARDS)]
+
+    def _hold_keys(self, user_id: str, hold_id: str) -> list[str]:
+        tag = self._tag(user_id)
+        return [f"{tag}:acct:{user_id}", f"{tag}:holds", f"{tag}:hold:{hold_id}", f"{tag}:ledger"]
+
+    # requests -------------------------------------------------------------------------
+    async def admit(
+        self,
+        *,
+        user_id: str,
+        tier: str,
+        hold_id: str,
+        hold_micro: int,
+        strict: bool,
+        monthly_tokens: int | None,
+        monthly_requests: int | None,
+        rpm: int | None,
+        hold_ttl_ms: int,
+        allowance_micro: int,
+        cycle_ms: int,
+    ) -> Admission:
+        """Check limits and place a hold of ``hold_micro`` in one round trip."""
+        unlimited = lambda v: -1 if v is None else v  # noqa: E731
+        res = await self._admit(
+            keys=self._hold_keys(user_id, hold_id),
+            args=[
+                now_ms(), tier, hold_id, hold_micro, "strict" if strict else "lenient",
+                unlimited(monthly_tokens), unlimited(monthly_requests), unlimited(rpm),
+                hold_ttl_ms, allowance_micro, cycle_ms, user_id, new_id("reset"),
+            ],
+        )
+        reason = res[0].decode()
+        if reason == "ok":
+            return Admission("ok", balance=int(res[1]), held=int(res[2]))
+        if reason == "tier":
+            return Admission("tier", actual_tier=res[1].decode())
+        if reason == "rpm":
+            return Admission("rpm", retry_after_ms=int(res[1]))
+        if reason == "credits":
+            return Admission("credits", balance=int(res[1]), held=int(res[2]))
+        return Admission(reason)
+
+    async def post(self, *, user_id: str, hold_id: str, cost_micro: int, tokens: int, event: dict[str, Any]) -> Resolution:
+        """Charge the actual cost against the hold and log the usage event, atomically."""
+        return await self._resolve_hold("post", user_id, hold_id, cost_micro, tokens, f"chg_{hold_id}", event)
+
+    async def void(self, *, user_id: str, hold_id: str, reason: str) -> Resolution:
+        """Release a hold without charging (upstream error, timeout, expiry)."""
+        return await self._resolve_hold("void", user_id, hold_id, 0, 0, f"void_{hold_id}", {"reason": reason})
+
+    async def _resolve_hold(
+        self, mode: str, user_id: str, hold_id: str, cost: int, tokens: int, event_id: str, event: dict[str, Any]
+    ) -> Resolution:
+        fields: list[Any] = []
+        for name, value in event.items():
+            fields += [name, value]
+        res = await self._resolve(
+            keys=self._hold_keys(user_id, hold_id),
+            args=[mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, *fields],
+        )
+        if res[0] == b"dup":
+            return Resolution(duplicate=True)
+        return Resolution(duplicate=False, balance=int(res[1]), held=int(res[2]))
+
+    # grants ---------------------------------------------------------------------------
+    async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, *extra: Any) -> list[Any]:
+        tag = self._tag(user_id)
+        return await self._grant(
+            keys=[f"{tag}:acct:{user_id}", f"{tag}:ledger", f"{tag}:applied:{event_id}"],
+            args=[mode, amount, event_id, now_ms(), user_id, kind, reason, MARKER_TTL_MS, *extra],
+        )
+
+    async def open_account(
+        self, *, user_id: str, tier: str, allowance_micro: int, cycle_start_ms: int, cycle_ms: int, auto_renew: bool = True
+    ) -> bool:
+        """Create the account with its first cycle's allowance; False if it already exists."""
+        res = await self._move(
+            "open", user_id, allowance_micro, f"open_{user_id}", "grant", "first cycle allowance",
+            tier, cycle_start_ms, cycle_start_ms + cycle_ms, "1" if auto_renew else "0",
+        )
+        return res[0] == b"ok"
+
+    async def add(self, *, user_id: str, amount_micro: int, kind: str, reason: str, event_id: str | None = None) -> int | None:
+        """Add (or, negative, remove) credits once per ``event_id``; the new balance, or None if a duplicate."""
+        res = await self._move("add", user_id, amount_micro, event_id or new_id(kind), kind, reason)
+        if res[0] == b"no_account":
+            raise KeyError(user_id)
+        return int(res[1]) if res[0] == b"ok" else None
+
+    # reads ----------------------------------------------------------------------------
+    async def account(self, user_id: str) -> dict[str, str] | None:
+        """The raw account hash, or None."""
+        raw = await self.redis.hgetall(self.account_key(user_id))
+        return {k.decode(): v.decode() for k, v in raw.items()} or None
+
+    async def expired_holds(self, holds_key: str, now: int, limit: int = 200) -> list[str]:
+        """Ids of holds in one shard whose expiry has passed."""
+        return [m.decode() for m in await self.redis.zrangebyscore(holds_key, "-inf", now, start=0, num=limit)]
+
+    async def hold_owner(self, holds_key: str, hold_id: str) -> str | None:
+        """The user id of a hold, read from its hash."""
+        account = await self.redis.hget(holds_key.removesuffix(":holds") + f":hold:{hold_id}", "account")
+        return account.decode().rsplit(":acct:", 1)[1] if account else None

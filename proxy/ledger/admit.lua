@@ -1,0 +1,67 @@
+-- Admit a request and place a credit hold for its worst-case cost, atomically.
+-- Renews a lapsed cycle of a self-renewing account first (no cron needed for correctness).
+--
+-- KEYS: 1 account hash, 2 holds zset (score = expiry ms), 3 hold hash, 4 ledger stream
+-- ARGV: 1 now_ms, 2 tier the caller priced the request for, 3 hold id, 4 hold amount (µ$),
+--       5 policy ("strict" | "lenient"), 6 monthly tokens, 7 monthly requests, 8 rpm
+--       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms,
+--       12 user id, 13 id of the reset ledger event should a renewal happen
+-- Returns {"ok", balance, held} or {reason, ...}: "no_account", "tier" + actual tier,
+-- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
+local a = redis.call('HMGET', KEYS[1], 'tier', 'status', 'balance', 'held', 'open_holds',
+  'cycle_end', 'auto_renew', 'tokens', 'requests', 'rpm_win', 'rpm_cur', 'rpm_prev')
+if not a[1] then return {'no_account'} end
+if a[1] ~= ARGV[2] then return {'tier', a[1]} end
+if a[2] == 'suspended' then return {'suspended'} end
+
+local now = tonumber(ARGV[1])
+local balance = tonumber(a[3])
+local held = tonumber(a[4])
+local open_holds = tonumber(a[5])
+local cycle_end = tonumber(a[6])
+local tokens = tonumber(a[8])
+local requests = tonumber(a[9])
+
+if a[7] == '1' and now >= cycle_end then
+  local cycle_ms = tonumber(ARGV[11])
+  local start = cycle_end + math.floor((now - cycle_end) / cycle_ms) * cycle_ms
+  local allowance = tonumber(ARGV[10])
+  local delta = allowance - balance
+  balance, tokens, requests = allowance, 0, 0
+  redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
+    'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', start + cycle_ms))
+  redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', ARGV[13], 'user', ARGV[12],
+    'amount', string.format('%.0f', delta), 'balance', ARGV[10], 'ts', ARGV[1], 'tier', ARGV[2])
+end
+
+local max_tokens, max_requests, rpm = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+if max_tokens >= 0 and tokens >= max_tokens then return {'tokens'} end
+if max_requests >= 0 and requests + open_holds >= max_requests then return {'requests'} end
+
+-- Sliding-window rate: the previous minute's count, weighted by how much of it still
+-- overlaps the last 60 s, plus this minute's count.
+local win = math.floor(now / 60000)
+local cur, prev = 0, 0
+if tonumber(a[10]) == win then
+  cur, prev = tonumber(a[11]), tonumber(a[12])
+elseif tonumber(a[10]) == win - 1 then
+  prev = tonumber(a[11])
+end
+if rpm >= 0 and prev * (1 - (now % 60000) / 60000) + cur >= rpm then
+  return {'rpm', 60000 - now % 60000}
+end
+
+local amount = tonumber(ARGV[4])
+local available = balance - held
+if (ARGV[5] == 'strict' and available < amount) or (ARGV[5] ~= 'strict' and available <= 0) then
+  return {'credits', string.format('%.0f', balance), string.format('%.0f', held)}
+end
+
+local expires = now + tonumber(ARGV[9])
+redis.call('HSET', KEYS[3], 'account', KEYS[1], 'amount', ARGV[4], 'state', 'pending',
+  'expires', string.format('%.0f', expires))
+redis.call('ZADD', KEYS[2], expires, ARGV[3])
+redis.call('HSET', KEYS[1], 'rpm_win', win, 'rpm_cur', cur + 1, 'rpm_prev', prev)
+redis.call('HINCRBY', KEYS[1], 'open_holds', 1)
+held = redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
+return {'ok', string.format('%.0f', balance), held}

@@ -1,0 +1,79 @@
+"""``tiers.yaml``: what each subscription tier may use and how much."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from fnmatch import fnmatchcase
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MICRO_PER_USD = 1_000_000
+MICRO_PER_CREDIT = 10_000
+DAY_MS = 86_400_000
+
+
+def model_matches(pattern: str, provider: str, model: str) -> bool:
+    """Match a tier's model glob; a pattern with ``/`` is matched against ``provider/model``."""
+    return fnmatchcase(f"{provider}/{model}" if "/" in pattern else model, pattern)
+
+
+class Tier(BaseModel):
+    """One tier. ``None`` limits mean unlimited."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    price_usd: Annotated[Decimal, Field(ge=0, decimal_places=2)]
+    api_budget_ratio: Annotated[Decimal, Field(gt=0, le=1)] = Decimal("0.20")
+    monthly_credits: Annotated[int, Field(ge=0)] | None = None
+    monthly_tokens: Annotated[int, Field(ge=0)] | None = None
+    monthly_requests: Annotated[int, Field(ge=0)] | None = None
+    rpm: Annotated[int, Field(gt=0)] | None = None
+    providers: list[str] = Field(min_length=1)
+    models: list[str] | None = None
+    admission: Literal["strict", "lenient"] = "lenient"
+
+    @model_validator(mode="after")
+    def _allowance_is_whole(self) -> "Tier":
+        if self.monthly_credits is None:
+            micro = self.price_usd * self.api_budget_ratio * MICRO_PER_USD
+            if micro != micro.to_integral_value():
+                raise ValueError(
+                    f"price_usd × api_budget_ratio = {micro / MICRO_PER_USD} $ is not a whole "
+                    "micro-dollar; set monthly_credits explicitly"
+                )
+        return self
+
+    @property
+    def allowance_micro(self) -> int:
+        """Upstream-cost budget per cycle in micro-dollars (1 credit = 10,000 µ$)."""
+        if self.monthly_credits is not None:
+            return self.monthly_credits * MICRO_PER_CREDIT
+        return int(self.price_usd * self.api_budget_ratio * MICRO_PER_USD)
+
+    def allows_provider(self, provider: str) -> bool:
+        return provider in self.providers
+
+    def allows_model(self, provider: str, model: str) -> bool:
+        """Whether the tier's ``models`` globs (``gpt-4o*`` or ``openai/gpt-4o*``) admit it."""
+        return self.models is None or any(model_matches(pat, provider, model) for pat in self.models)
+
+
+class TiersFile(BaseModel):
+    """The whole of ``tiers.yaml``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cycle_days: Annotated[int, Field(gt=0, le=366)] = 30
+    default_tier: str = "free"
+    tiers: dict[str, Tier] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _default_exists(self) -> "TiersFile":
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers ({', '.join(self.tiers)})")
+        return self
+
+    @property
+    def cycle_ms(self) -> int:
+        return self.cycle_days * DAY_MS

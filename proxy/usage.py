@@ -1,0 +1,142 @@
+"""The usage log: ledger events move from the shard streams in Redis to Postgres.
+
+Events are read with a consumer group, written in one transaction per batch with
+``ON CONFLICT DO NOTHING`` (so a replay is harmless), and acknowledged and deleted only
+after the commit. A Postgres outage leaves them pending in Redis; they are written when
+it is back. Entries held by a consumer that died are claimed after ``CLAIM_IDLE_MS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from . import metrics
+from .ledger import Ledger
+
+log = logging.getLogger("costproxy.usage")
+
+GROUP = "ledger-writers"
+CLAIM_IDLE_MS = 60_000
+
+_LEDGER_SQL = """
+INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, hold_id, reason, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING
+"""
+_USAGE_SQL = """
+INSERT INTO usage_events (id, user_id, key_id, provider, model, tier, input_tokens, cached_input_tokens,
+    cache_write_tokens, output_tokens, reasoning_tokens, cost_micro, estimated, stream, status, latency_ms, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (id) DO NOTHING
+"""
+
+
+def _rows(fields: dict[str, str]) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+    """The ledger row, and the usage row for a charge, of one stream entry."""
+    at = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=timezone.utc)
+    amount = int(fields["amount"])
+    ledger = (
+        fields["id"], fields["user"], fields["kind"], amount, int(fields["balance"]),
+        fields.get("hold"), fields.get("reason"), at,
+    )
+    if fields["kind"] != "charge":
+        return ledger, None
+    n = lambda name: int(fields.get(name, 0))  # noqa: E731
+    usage = (
+        fields["id"], fields["user"], fields["key"], fields["provider"], fields["model"], fields["tier"],
+        n("in"), n("cached"), n("cache_write"), n("out"), n("reasoning"), -amount,
+        fields.get("estimated") == "1", fields.get("stream") == "1", n("status"), n("ms"), at,
+    )
+    return ledger, usage
+
+
+class UsageLog:
+    """Drains every shard's ledger stream into Postgres."""
+
+    def __init__(self, redis: Redis, ledger: Ledger, pool: asyncpg.Pool, batch: int = 500):
+        self.redis = redis
+        self.pool = pool
+        self.batch = batch
+        self.streams = ledger.stream_keys()
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+
+    async def ensure_groups(self) -> None:
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def _read(self, start: str, block_ms: int | None) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
+        found = await self.redis.xreadgroup(
+            GROUP, self.consumer, {s: start for s in self.streams}, count=self.batch, block=block_ms
+        )
+        return [(s.decode() if isinstance(s, bytes) else s, entries) for s, entries in found or [] if entries]
+
+    async def drain_once(self, block_ms: int | None = None) -> int:
+        """Write one batch (this consumer's unacknowledged entries first); return rows written."""
+        batch = await self._read("0", None) or await self._read(">", block_ms)
+        if not batch:
+            return 0
+        ledger_rows, usage_rows = [], []
+        for _, entries in batch:
+            for _, raw in entries:
+                fields = {k.decode(): v.decode() for k, v in raw.items()}
+                ledger_row, usage_row = _rows(fields)
+                ledger_rows.append(ledger_row)
+                if usage_row is not None:
+                    usage_rows.append(usage_row)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(_LEDGER_SQL, ledger_rows)
+            if usage_rows:
+                await conn.executemany(_USAGE_SQL, usage_rows)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, entries in batch:
+                ids = [entry_id for entry_id, _ in entries]
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        metrics.USAGE_LOG_WRITTEN.inc(len(ledger_rows))
+        return len(ledger_rows)
+
+    async def claim_abandoned(self) -> None:
+        """Take over entries a dead consumer read but never acknowledged."""
+        for stream in self.streams:
+            await self.redis.xautoclaim(stream, GROUP, self.consumer, CLAIM_IDLE_MS, count=self.batch)
+
+    async def lag(self) -> int:
+        """Events in Redis not yet written to Postgres."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in self.streams:
+                pipe.xlen(stream)
+            lengths = await pipe.execute()
+        total = sum(lengths)
+        metrics.USAGE_LOG_LAG.set(total)
+        return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain until ``stop`` is set, backing off while Postgres is unreachable."""
+        await self.ensure_groups()
+        backoff = 0.5
+        rounds = 0
+        while not stop.is_set():
+            try:
+                if rounds % 60 == 0:
+                    await self.claim_abandoned()
+                rounds += 1
+                await self.drain_once(block_ms=500)
+                await self.lag()
+                backoff = 0.5
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                metrics.USAGE_LOG_ERRORS.inc()
+                log.warning("usage log write failed, events stay in Redis and will be retried: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30)

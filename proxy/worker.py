@@ -1,0 +1,75 @@
+"""The worker process: usage log to Postgres, expired holds voided, key mirror kept."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+from redis.asyncio import Redis
+
+from . import metrics
+from .app import health_handler, metrics_handler
+from .keys import KeyMirror
+from .ledger import Ledger, now_ms
+from .usage import UsageLog
+
+log = logging.getLogger("costproxy.worker")
+
+EXPIRY_SWEEP_SECONDS = 5.0
+
+
+async def void_expired_holds(ledger: Ledger) -> int:
+    """Void every hold whose request never settled (its proxy crashed); return how many."""
+    voided = 0
+    for holds_key in ledger.holds_keys():
+        for hold_id in await ledger.expired_holds(holds_key, now_ms()):
+            owner = await ledger.hold_owner(holds_key, hold_id)
+            if owner is None:  # resolved between the two reads
+                await ledger.redis.zrem(holds_key, hold_id)
+                continue
+            result = await ledger.void(user_id=owner, hold_id=hold_id, reason="expired")
+            if not result.duplicate:
+                voided += 1
+                metrics.HOLDS_VOIDED.labels(reason="expired").inc()
+    return voided
+
+
+async def _sweep_holds(ledger: Ledger, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            count = await void_expired_holds(ledger)
+            if count:
+                log.info("voided %d expired holds", count)
+        except OSError as exc:
+            log.warning("hold sweep failed: %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), EXPIRY_SWEEP_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def run_worker(redis_url: str, database_url: str, prefix: str, batch: int, port: int) -> None:
+    """Run until interrupted; serves ``/healthz`` and ``/metrics`` on ``port``."""
+    from .accounts import sync_key_mirror
+    from .db import connect_pool
+
+    redis = Redis.from_url(redis_url)
+    pool = await connect_pool(database_url)
+    ledger = Ledger(redis, prefix)
+    synced = await sync_key_mirror(pool, KeyMirror(redis, prefix))
+    log.info("key mirror holds %d active keys", synced)
+    app = web.Application()
+    app.router.add_get("/healthz", health_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", port).start()
+    stop = asyncio.Event()
+    try:
+        await asyncio.gather(UsageLog(redis, ledger, pool, batch).run(stop), _sweep_holds(ledger, stop))
+    finally:
+        stop.set()
+        await runner.cleanup()
+        await pool.close()
+        await redis.aclose()
