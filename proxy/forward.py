@@ -43,10 +43,10 @@ class Forwarder:
 
     async def relay_free(self, request: web.Request, provider: Provider, tail: str, body: bytes) -> web.Response:
         """Pass an unmetered request (model listings, token counts) through as it is."""
+        url, headers = provider.prepare(request.method, tail, request.query_string, request.headers, body)
         try:
             async with self.session.request(
-                request.method, provider.upstream_url(tail, request.query_string),
-                headers=provider.upstream_headers(request.headers), data=body or None, timeout=self.timeout,
+                request.method, url, headers=headers, data=body or None, timeout=self.timeout
             ) as upstream:
                 return web.Response(status=upstream.status, body=await upstream.read(), headers=_client_headers(upstream.headers))
         except (ClientError, asyncio.TimeoutError) as exc:
@@ -54,11 +54,11 @@ class Forwarder:
 
     async def relay(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
         """Forward a metered request and charge what it used."""
+        url, headers = provider.prepare(request.method, tail, request.query_string, request.headers, ticket.call.body)
         sent = time.perf_counter()
         try:
             upstream = await self.session.request(
-                request.method, provider.upstream_url(tail, request.query_string),
-                headers=provider.upstream_headers(request.headers), data=ticket.call.body, timeout=self.timeout,
+                request.method, url, headers=headers, data=ticket.call.body, timeout=self.timeout
             )
         except (ClientError, asyncio.TimeoutError) as exc:
             await self._void(ticket, provider, "upstream_unreachable")

@@ -141,6 +141,12 @@ class Provider:
         """Where the request goes: base URL + the path after the route prefix + the query."""
         return f"{self.base_url}/{tail}" + (f"?{query_string}" if query_string else "")
 
+    def prepare(
+        self, method: str, tail: str, query_string: str, incoming: CIMultiDictProxy[str], body: bytes
+    ) -> tuple[str, CIMultiDict[str]]:
+        """URL and headers of the upstream request; override to sign requests (e.g. SigV4)."""
+        return self.upstream_url(tail, query_string), self.upstream_headers(incoming)
+
     # requests ----------------------------------------------------------------------------
     def is_free(self, method: str, tail: str) -> bool:
         """Requests passed through unmetered (model listings, token counting)."""
