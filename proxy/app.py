@@ -155,6 +155,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         watcher = asyncio.create_task(store.watch(settings.config_reload_seconds))
         yield
         watcher.cancel()
+        await app[FORWARDER].close(settings.drain_seconds + 5)
         await session.close()
         await redis.aclose()
 

@@ -40,6 +40,7 @@ class Forwarder:
         self.ledger = ledger
         self.timeout = ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout)
         self.drain_seconds = drain_seconds
+        self._tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     async def relay_free(self, request: web.Request, provider: Provider, tail: str, body: bytes) -> web.Response:
         """Pass an unmetered request (model listings, token counts) through as it is."""
@@ -53,7 +54,22 @@ class Forwarder:
             raise _unreachable(provider, exc) from None
 
     async def relay(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
-        """Forward a metered request and charge what it used."""
+        """Forward a metered request and charge what it used.
+
+        The work runs in its own task, shielded from the handler: if the server cancels the
+        handler because the client hung up, the upstream is still drained and charged.
+        """
+        task = asyncio.create_task(self._relay(request, provider, tail, ticket, started))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
+    async def close(self, timeout: float) -> None:
+        """Wait (up to ``timeout`` s) for relays still draining or settling, e.g. at shutdown."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def _relay(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
         url, headers = provider.prepare(request.method, tail, request.query_string, request.headers, ticket.call.body)
         sent = time.perf_counter()
         try:
@@ -103,36 +119,29 @@ class Forwarder:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream.headers))
         meter = provider.stream_meter(ticket.call)
+        client = _Client(request, response, self.drain_seconds)
         gauge = metrics.ACTIVE_STREAMS.labels(provider.name)
         gauge.inc()
-        client_gone = False
         try:
             await response.prepare(request)
-            async with asyncio.timeout(None) as limit:
+            async with asyncio.timeout(None) as client.drain_limit:
+                watcher = asyncio.create_task(client.watch())
                 try:
                     async for chunk in upstream.content.iter_any():
-                        out = meter.feed(chunk)
-                        if out and not client_gone:
-                            try:
-                                await response.write(out)
-                            except _CLIENT_GONE:
-                                client_gone = True
-                                limit.reschedule(asyncio.get_running_loop().time() + self.drain_seconds)
-                    tail = meter.finish()
-                    if tail and not client_gone:
-                        await response.write(tail)
-                except _CLIENT_GONE:
-                    client_gone = True
-                except (ClientError, asyncio.TimeoutError) as exc:
-                    log.warning("%s stream broke off: %r", provider.name, exc)
-            if not client_gone:
+                        await client.write(meter.feed(chunk))
+                    await client.write(meter.finish())
+                finally:
+                    watcher.cancel()
+            if not client.gone:
                 await response.write_eof()
         except _CLIENT_GONE:
-            client_gone = True
+            pass
+        except (ClientError, asyncio.TimeoutError) as exc:
+            log.warning("%s stream ended early (client gone: %s): %r", provider.name, client.gone, exc)
         finally:
             gauge.dec()
             upstream_seconds = time.perf_counter() - sent
-            await asyncio.shield(self._post(ticket, provider, meter.usage or meter.estimate(), upstream.status, upstream_seconds, stream=True))
+            await self._post(ticket, provider, meter.usage or meter.estimate(), upstream.status, upstream_seconds, stream=True)
             # For a stream the proxy's own time is what passes before the request goes out.
             metrics.OVERHEAD.labels(provider.name).observe(sent - started)
         return response
@@ -166,12 +175,47 @@ class Forwarder:
         return cost, result.balance
 
     async def _void(self, ticket: Ticket, provider: Provider, reason: str) -> None:
-        await asyncio.shield(self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, reason=reason))
+        await self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, reason=reason)
         metrics.HOLDS_VOIDED.labels(reason=reason).inc()
 
     @staticmethod
     def _count(provider: Provider, ticket: Ticket, status: int) -> None:
         metrics.REQUESTS.labels(provider.name, ticket.model.name, ticket.identity.tier, str(status)).inc()
+
+
+class _Client:
+    """The receiving end of a relayed stream: written to until it leaves, then the
+    upstream is drained for at most ``drain_seconds`` more to learn the usage."""
+
+    POLL_SECONDS = 1.0
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, drain_seconds: float):
+        self.request = request
+        self.response = response
+        self.drain_seconds = drain_seconds
+        self.drain_limit: asyncio.Timeout | None = None
+        self.gone = False
+
+    async def write(self, data: bytes) -> None:
+        if data and not self.gone:
+            try:
+                await self.response.write(data)
+            except _CLIENT_GONE:
+                self.leave()
+
+    def leave(self) -> None:
+        if not self.gone:
+            self.gone = True
+            assert self.drain_limit is not None
+            self.drain_limit.reschedule(asyncio.get_running_loop().time() + self.drain_seconds)
+
+    async def watch(self) -> None:
+        """Notice a client that hung up while the upstream sends nothing to write."""
+        while not self.gone:
+            await asyncio.sleep(self.POLL_SECONDS)
+            transport = self.request.transport
+            if transport is None or transport.is_closing():
+                self.leave()
 
 
 def _unreachable(provider: Provider, exc: BaseException) -> ProxyError:

@@ -76,9 +76,14 @@ class UsageLog:
                     raise
 
     async def _read(self, start: str, block_ms: int | None) -> list[tuple[str, list[tuple[bytes, dict[bytes, bytes]]]]]:
-        found = await self.redis.xreadgroup(
-            GROUP, self.consumer, {s: start for s in self.streams}, count=self.batch, block=block_ms
-        )
+        streams = {s: start for s in self.streams}
+        try:
+            found = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=self.batch, block=block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_groups()  # first run, or Redis lost the streams
+            found = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=self.batch, block=block_ms)
         return [(s.decode() if isinstance(s, bytes) else s, entries) for s, entries in found or [] if entries]
 
     async def drain_once(self, block_ms: int | None = None) -> int:
