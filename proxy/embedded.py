@@ -69,14 +69,20 @@ def redis_url(data_dir: Path) -> str:
     return f"unix://{socket}"
 
 
-def postgres_url(data_dir: Path) -> str:
-    """Start (or attach to) the embedded PostgreSQL and return a DSN for its database."""
+def _pgserver(data_dir: Path):  # noqa: ANN202 - the pgserver module
+    # pgserver keeps its lock file in the runtime directory; give it one we own.
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str((data_dir / "run").resolve()))
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     import pgserver
+    import pgserver._commands  # noqa: F401 - used by stop_all
 
-    server = pgserver.get_server((data_dir / "pg").resolve(), cleanup_mode=None)
+    return pgserver
+
+
+def postgres_url(data_dir: Path) -> str:
+    """Start (or attach to) the embedded PostgreSQL and return a DSN for its database."""
+    server = _pgserver(data_dir).get_server((data_dir / "pg").resolve(), cleanup_mode=None)
     found = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
     if "(1 row)" not in found:
         server.psql(f"CREATE DATABASE {DATABASE_NAME};")
@@ -93,6 +99,4 @@ def stop_all(data_dir: Path) -> None:
             pass
     pgdata = data_dir / "pg"
     if (pgdata / "postmaster.pid").exists():
-        import pgserver._commands as commands
-
-        commands.pg_ctl(["-m", "fast", "stop"], pgdata=pgdata.resolve(), user="pgserver" if os.geteuid() == 0 else None)
+        _pgserver(data_dir)._commands.pg_ctl(["-m", "fast", "stop"], pgdata=pgdata.resolve(), user="pgserver" if os.geteuid() == 0 else None)

@@ -1,0 +1,80 @@
+"""The operator CLI end to end, and the usage log surviving a Postgres outage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from proxy.usage import UsageLog
+
+
+@pytest.fixture
+def cli(settings):
+    env = {
+        "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url, "REDIS_PREFIX": settings.redis_prefix,
+        "PRICING_FILE": str(settings.pricing_file), "TIERS_FILE": str(settings.tiers_file), "PATH": "",
+    }
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "proxy.cli", *args], env=env, capture_output=True, text=True)
+        assert (done.returncode == 0) == ok, done.stderr
+        return done
+
+    return run
+
+
+async def test_users_keys_and_credits_commands(cli, ledger, usage_log, openai_client):
+    created = json.loads(cli("users", "create", "--email", "ada@example.com", "--tier", "professional", "--json").stdout)
+    user, key = created["user_id"], created["api_key"]
+    assert key.startswith("cpk-") and user.startswith("usr_")
+    assert int((await ledger.account(user))["balance"]) == 1980 * 10_000
+    assert "already exists" in cli("users", "create", "--email", "ada@example.com", "--tier", "free", ok=False).stderr
+    assert "unknown tier 'gold'" in cli("users", "create", "--email", "bob@example.com", "--tier", "gold", ok=False).stderr
+
+    await openai_client(key).chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
+
+    second = json.loads(cli("keys", "create", "--user", "ada@example.com", "--name", "ci", "--json").stdout)
+    listed = json.loads(cli("keys", "list", "--user", user, "--json").stdout)
+    assert {k["id"] for k in listed} == {created["key_id"], second["key_id"]}
+    assert all("api_key" not in k and "key_hash" not in k for k in listed)
+    cli("keys", "revoke", second["key_id"])
+    listed = {k["id"]: k for k in json.loads(cli("keys", "list", "--user", user, "--json").stdout)}
+    assert listed[second["key_id"]]["revoked_at"] is not None and listed[created["key_id"]]["revoked_at"] is None
+
+    granted = json.loads(cli("credits", "grant", user, "--credits", "25", "--reason", "goodwill", "--json").stdout)
+    assert granted["balance_micro_usd"] == 1980 * 10_000 - 345 + 250_000
+
+    while await usage_log.drain_once():
+        pass
+    shown = json.loads(cli("credits", "show", user, "--json").stdout)
+    assert int(shown["account"]["balance"]) == shown["ledger_sum_micro"] == 1980 * 10_000 - 345 + 250_000
+    assert [(r["kind"], r["amount_micro"]) for r in shown["ledger"]] == [("grant", 250_000), ("charge", -345), ("grant", 19_800_000)]
+    text = cli("credits", "show", "ada@example.com").stdout
+    assert "redis balance 2004.9655 credits" in text and "ledger sum    2004.9655 credits" in text
+
+
+async def test_postgres_outage_delays_usage_rows_and_loses_none(redis, ledger, pool, make_customer, openai_client):
+    customer = await make_customer("starter")
+    client = openai_client(customer.api_key)
+    for _ in range(3):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
+
+    dead_pool = await asyncpg.create_pool(pool._connect_args[0], min_size=0, max_size=1)  # type: ignore[attr-defined]
+    await dead_pool.close()  # a pool that can no longer reach Postgres
+    broken = UsageLog(redis, ledger, dead_pool)
+    with pytest.raises(asyncpg.InterfaceError):
+        await broken.drain_once()
+    assert await broken.lag() == 4  # account opening + 3 charges, still in Redis
+
+    # the same consumer, once Postgres is back, writes what it had read but not acknowledged
+    recovered = UsageLog(redis, ledger, pool)
+    recovered.consumer = broken.consumer
+    assert await recovered.drain_once() == 4
+    assert await recovered.lag() == 0
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 3
+    # the ledger adds up to the balance
+    assert await pool.fetchval("SELECT sum(amount_micro) FROM ledger WHERE user_id = $1", customer.user_id) == 3_800_000 - 3 * 345
