@@ -37,14 +37,16 @@ class Accounts:
         self.mirror = mirror
         self.config = config
 
-    async def create_user(self, email: str, tier: str) -> tuple[str, NewKey]:
+    async def create_user(self, email: str, tier: str, source: str = "cli") -> tuple[str, NewKey]:
         """Create a user on ``tier``, open the first cycle with its allowance, issue a key."""
         tiers = self.config.tiers
         if tier not in tiers.tiers:
             raise AccountError(f"unknown tier {tier!r}; tiers are {', '.join(tiers.tiers)}")
         user_id = "usr_" + uuid.uuid4().hex[:20]
         try:
-            await self.pool.execute("INSERT INTO users (id, email, tier) VALUES ($1, $2, $3)", user_id, email, tier)
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO users (id, email, tier) VALUES ($1, $2, $3)", user_id, email, tier)
+                await record_tier_change(conn, user_id, None, tier, "signup", source)
         except asyncpg.UniqueViolationError:
             raise AccountError(f"a user with email {email!r} already exists") from None
         await self.ledger.open_account(
@@ -95,13 +97,41 @@ class Accounts:
             raise AccountError(f"no key {key_id!r}")
         await self.mirror.remove(row["key_hash"])
 
-    async def grant(self, user_id: str, credits: int, reason: str) -> int:
-        """Add ``credits`` (negative to remove) as a ledger entry; returns the new balance in µ$."""
+    async def grant(self, user_id: str, credits: int, reason: str, kind: str = "grant") -> int:
+        """Add ``credits`` (negative to remove) as a ledger entry of ``kind`` (grant, refund);
+        returns the new balance in µ$."""
         user = await self._require_user(user_id)
         balance = await self.ledger.add(
-            user_id=user["id"], amount_micro=credits * MICRO_PER_CREDIT, kind="grant", reason=reason
+            user_id=user["id"], amount_micro=credits * MICRO_PER_CREDIT, kind=kind, reason=reason
         )
         assert balance is not None  # a fresh event id is never a duplicate
+        return balance
+
+    async def set_status(self, user_id: str, status: str) -> None:
+        """Suspend (``suspended``) or reactivate (``active``) a user; takes effect on the next request."""
+        if status not in ("active", "past_due", "suspended"):
+            raise AccountError(f"unknown status {status!r}; use active, past_due or suspended")
+        user = await self._require_user(user_id)
+        await self.pool.execute("UPDATE users SET status = $2 WHERE id = $1", user["id"], status)
+        await self.ledger.set_status(user["id"], status)
+
+    async def change_tier(self, user_id: str, tier: str, source: str, grant_micro: int = 0, event_id: str | None = None) -> int | None:
+        """Move a user to ``tier`` now, adding ``grant_micro`` (e.g. a prorated allowance
+        difference) in the same ledger entry; once per ``event_id``. The new balance, or None
+        if ``event_id`` was already applied."""
+        tiers = self.config.tiers.tiers
+        if tier not in tiers:
+            raise AccountError(f"unknown tier {tier!r}; tiers are {', '.join(tiers)}")
+        user = await self._require_user(user_id)
+        balance = await self.ledger.add(
+            user_id=user["id"], amount_micro=grant_micro, kind="grant", reason=f"tier {user['tier']} -> {tier}",
+            event_id=event_id, tier=tier,
+        )
+        if balance is not None and tier != user["tier"]:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute("UPDATE users SET tier = $2 WHERE id = $1", user["id"], tier)
+                kind = "upgrade" if tiers[tier].price_usd > tiers[user["tier"]].price_usd else "downgrade"
+                await record_tier_change(conn, user["id"], user["tier"], tier, kind, source)
         return balance
 
     async def show(self, user_id: str, ledger_rows: int = 50) -> dict[str, Any]:
@@ -130,3 +160,13 @@ async def sync_key_mirror(pool: asyncpg.Pool, mirror: KeyMirror) -> int:
     for row in rows:
         await mirror.put(row["key_hash"], row["user_id"], row["id"])
     return len(rows)
+
+
+async def record_tier_change(
+    conn: asyncpg.Connection, user_id: str, from_tier: str | None, to_tier: str, kind: str, source: str
+) -> None:
+    """Log a signup, upgrade, downgrade, cancellation or lapse for the business figures."""
+    await conn.execute(
+        "INSERT INTO tier_changes (user_id, from_tier, to_tier, kind, source) VALUES ($1, $2, $3, $4, $5)",
+        user_id, from_tier, to_tier, kind, source,
+    )

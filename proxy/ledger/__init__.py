@@ -143,29 +143,49 @@ class Ledger:
         return Resolution(duplicate=False, balance=int(res[1]), held=int(res[2]))
 
     # grants ---------------------------------------------------------------------------
-    async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, *extra: Any) -> list[Any]:
+    async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, tier: str, *cycle: Any) -> list[Any]:
         tag = self._tag(user_id)
-        return await self._grant(
+        res = await self._grant(
             keys=[f"{tag}:acct:{user_id}", f"{tag}:ledger", f"{tag}:applied:{event_id}"],
-            args=[mode, amount, event_id, now_ms(), user_id, kind, reason, MARKER_TTL_MS, *extra],
+            args=[mode, amount, event_id, now_ms(), user_id, kind, reason, MARKER_TTL_MS, tier, *cycle],
         )
+        if res[0] == b"no_account":
+            raise KeyError(user_id)
+        return res
 
     async def open_account(
         self, *, user_id: str, tier: str, allowance_micro: int, cycle_start_ms: int, cycle_ms: int, auto_renew: bool = True
     ) -> bool:
         """Create the account with its first cycle's allowance; False if it already exists."""
         res = await self._move(
-            "open", user_id, allowance_micro, f"open_{user_id}", "grant", "first cycle allowance",
-            tier, cycle_start_ms, cycle_start_ms + cycle_ms, "1" if auto_renew else "0",
+            "open", user_id, allowance_micro, f"open_{user_id}", "grant", "first cycle allowance", tier,
+            cycle_start_ms, cycle_start_ms + cycle_ms, "1" if auto_renew else "0", "0",
         )
         return res[0] == b"ok"
 
-    async def add(self, *, user_id: str, amount_micro: int, kind: str, reason: str, event_id: str | None = None) -> int | None:
-        """Add (or, negative, remove) credits once per ``event_id``; the new balance, or None if a duplicate."""
-        res = await self._move("add", user_id, amount_micro, event_id or new_id(kind), kind, reason)
-        if res[0] == b"no_account":
-            raise KeyError(user_id)
+    async def add(
+        self, *, user_id: str, amount_micro: int, kind: str, reason: str, event_id: str | None = None, tier: str = ""
+    ) -> int | None:
+        """Add (negative: remove) credits once per ``event_id``, optionally moving the account
+        to ``tier``; the new balance, or None if the event was already applied."""
+        res = await self._move("add", user_id, amount_micro, event_id or new_id(kind), kind, reason, tier)
         return int(res[1]) if res[0] == b"ok" else None
+
+    async def start_cycle(
+        self, *, user_id: str, tier: str, allowance_micro: int, start_ms: int, end_ms: int,
+        event_id: str, reason: str, auto_renew: bool, rollover: bool = False,
+    ) -> int | None:
+        """Begin a cycle once per ``event_id``: balance to the allowance (plus a positive
+        balance if ``rollover``), usage counters to zero; None if already applied."""
+        res = await self._move(
+            "cycle", user_id, allowance_micro, event_id, "reset", reason, tier,
+            start_ms, end_ms, "1" if auto_renew else "0", "1" if rollover else "0",
+        )
+        return int(res[1]) if res[0] == b"ok" else None
+
+    async def set_status(self, user_id: str, status: str) -> None:
+        """Mark the account ``active``, ``past_due`` or ``suspended`` (the last is refused at admission)."""
+        await self.redis.hset(self.account_key(user_id), "status", status)
 
     # reads ----------------------------------------------------------------------------
     async def account(self, user_id: str) -> dict[str, str] | None:
