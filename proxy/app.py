@@ -6,11 +6,13 @@ import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
+import asyncpg
 import orjson
 from aiohttp import ClientSession, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import Redis
 
+from .billing.plans import setup_billing
 from .config import Config, ConfigStore
 from .forward import Forwarder
 from .gate import Gate, count_refusal
@@ -19,15 +21,7 @@ from .ledger import Ledger
 from .providers.base import Provider, ProxyError
 from .providers.registry import build_providers
 from .settings import Settings
-
-SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", Redis)
-CONFIG = web.AppKey("config", ConfigStore)
-LEDGER = web.AppKey("ledger", Ledger)
-GATE = web.AppKey("gate", Gate)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-PROVIDERS = web.AppKey("providers", dict)
-
+from .state import CONFIG, FORWARDER, GATE, LEDGER, POOL, PROVIDERS, REDIS, SETTINGS, caller
 
 def _providers(app: web.Application) -> dict[str, Provider]:
     """Provider instances for the live config (rebuilt when a reload changed it)."""
@@ -85,11 +79,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 async def credits_handler(request: web.Request) -> web.Response:
     """``GET /api/credits``: the caller's balance, holds, usage, limits and cycle."""
     app = request.app
-    auth = request.headers.get("Authorization", "")
-    key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-    identity = await app[GATE].keys.lookup(key) if key else None
-    if identity is None:
-        return web.json_response({"error": {"message": "Missing or unknown API key.", "code": "invalid_api_key"}}, status=401)
+    identity = await caller(request)
     account = await app[LEDGER].account(identity.user_id) or {}
     tier = app[CONFIG].current.tiers.tiers.get(account.get("tier", ""))
     iso = lambda ms: datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")  # noqa: E731
@@ -134,8 +124,9 @@ async def ready_handler(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready"})
 
 
-def create_app(settings: Settings, redis_url: str) -> web.Application:
-    """The proxy application, reading Redis at ``redis_url``."""
+def create_app(settings: Settings, redis_url: str, database_url: str = "") -> web.Application:
+    """The proxy application on Redis at ``redis_url``; ``database_url`` (optional) serves
+    the routes off the hot path: billing, usage and admin."""
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[PROVIDERS] = {}
@@ -144,6 +135,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         import asyncio
 
         redis = Redis.from_url(redis_url, max_connections=256)
+        app[POOL] = await asyncpg.create_pool(database_url, min_size=0, max_size=4) if database_url else None  # type: ignore[assignment]
         store = ConfigStore(settings.pricing_file, settings.tiers_file)
         ledger = Ledger(redis, settings.redis_prefix)
         session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=True)
@@ -158,11 +150,14 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
         await app[FORWARDER].close(settings.drain_seconds + 5)
         await session.close()
         await redis.aclose()
+        if app[POOL] is not None:
+            await app[POOL].close()
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", health_handler)
     app.router.add_get("/readyz", ready_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/api/credits", credits_handler)
+    setup_billing(app)
     app.router.add_route("*", "/{provider}/{tail:.*}", proxy_handler)
     return app

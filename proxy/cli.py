@@ -40,15 +40,30 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from .app import create_app
     from .config import ConfigError, load_config
-    from .runtime import redis_url
+    from .runtime import database_url, redis_url
 
     try:
         load_config(settings.pricing_file, settings.tiers_file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    app = create_app(settings, redis_url(settings))
+    app = create_app(settings, redis_url(settings), database_url(settings))
     logging.getLogger("costproxy").info("proxy listening on %s:%d", args.host, args.port)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=_new_loop())
+    return 0
+
+
+def cmd_webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    from aiohttp import web
+
+    from .billing.webhooks import create_webhook_app
+    from .runtime import database_url, redis_url
+
+    if not settings.stripe_webhook_secret:
+        print("STRIPE_WEBHOOK_SECRET is not set: every event would be refused", file=sys.stderr)
+        return 2
+    app = create_webhook_app(settings, redis_url(settings), database_url(settings))
+    logging.getLogger("costproxy").info("webhook listener on %s:%d", args.host, args.port)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=_new_loop())
     return 0
 
@@ -201,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(func=cmd_serve)
+
+    webhooks = sub.add_parser("webhooks", help="run the Stripe webhook listener (POST /stripe/webhook)")
+    webhooks.add_argument("--host", default="0.0.0.0")
+    webhooks.add_argument("--port", type=int, default=8090)
+    webhooks.set_defaults(func=cmd_webhooks)
 
     worker = sub.add_parser("worker", help="run the worker (usage log, hold expiry)")
     worker.add_argument("--port", type=int, default=9101, help="port for /healthz and /metrics")

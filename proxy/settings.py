@@ -51,6 +51,14 @@ class Settings:
     key_cache_seconds: float = 5.0
     config_reload_seconds: float = 2.0
     worker_batch: int = 500
+    stripe_api_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""
+    checkout_success_url: str = "http://localhost:8080/api/credits"
+    checkout_cancel_url: str = "http://localhost:8080/api/credits"
+    past_due_grace_days: float = 7.0
+    smtp_url: str = ""
+    mail_from: str = "costproxy@localhost"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -86,4 +94,12 @@ class Settings:
             key_cache_seconds=_float(env, "KEY_CACHE_SECONDS", cls.key_cache_seconds),
             config_reload_seconds=_float(env, "CONFIG_RELOAD_SECONDS", cls.config_reload_seconds),
             worker_batch=_int(env, "WORKER_BATCH", cls.worker_batch),
+            stripe_api_key=env.get("STRIPE_API_KEY", ""),
+            stripe_webhook_secret=env.get("STRIPE_WEBHOOK_SECRET", ""),
+            stripe_api_base=env.get("STRIPE_API_BASE", ""),
+            checkout_success_url=env.get("CHECKOUT_SUCCESS_URL") or cls.checkout_success_url,
+            checkout_cancel_url=env.get("CHECKOUT_CANCEL_URL") or cls.checkout_cancel_url,
+            past_due_grace_days=_float(env, "PAST_DUE_GRACE_DAYS", cls.past_due_grace_days),
+            smtp_url=env.get("SMTP_URL", ""),
+            mail_from=env.get("MAIL_FROM") or cls.mail_from,
         )

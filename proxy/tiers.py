@@ -32,6 +32,8 @@ class Tier(BaseModel):
     providers: list[str] = Field(min_length=1)
     models: list[str] | None = None
     admission: Literal["strict", "lenient"] = "lenient"
+    stripe_price_id: str | None = None
+    rollover: bool = False
 
     @model_validator(mode="after")
     def _allowance_is_whole(self) -> "Tier":
@@ -74,6 +76,20 @@ class TiersFile(BaseModel):
             raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers ({', '.join(self.tiers)})")
         return self
 
+    @model_validator(mode="after")
+    def _prices_unique(self) -> "TiersFile":
+        seen: dict[str, str] = {}
+        for name, tier in self.tiers.items():
+            if tier.stripe_price_id in seen:
+                raise ValueError(f"tiers {seen[tier.stripe_price_id]} and {name} share stripe_price_id {tier.stripe_price_id!r}")
+            if tier.stripe_price_id:
+                seen[tier.stripe_price_id] = name
+        return self
+
     @property
     def cycle_ms(self) -> int:
         return self.cycle_days * DAY_MS
+
+    def tier_for_price(self, price_id: str | None) -> str | None:
+        """The tier sold under a Stripe price id."""
+        return next((name for name, t in self.tiers.items() if price_id and t.stripe_price_id == price_id), None)

@@ -171,7 +171,7 @@ async def proxy_url(aiohttp_server: Any, settings: Settings, upstream: Any) -> s
     from proxy.app import create_app
 
     live = replace(settings, upstream_urls={"openai": str(upstream.make_url("")).rstrip("/")})
-    server = await aiohttp_server(create_app(live, live.redis_url))
+    server = await aiohttp_server(create_app(live, live.redis_url, live.database_url))
     return str(server.make_url("")).rstrip("/")
 
 

@@ -6,7 +6,8 @@ ALTER TABLE users
     ADD COLUMN subscription_status     text,            -- Stripe's: active, past_due, canceled, ...
     ADD COLUMN cancel_at_period_end    boolean NOT NULL DEFAULT false,
     ADD COLUMN past_due_since          timestamptz,
-    ADD COLUMN subscription_synced_at  timestamptz;     -- `created` of the newest subscription event applied
+    ADD COLUMN subscription_synced_at  timestamptz,     -- `created` of the newest subscription event applied
+    ADD COLUMN ended_subscriptions     text[] NOT NULL DEFAULT '{}';  -- late events about these change nothing
 
 -- Every Stripe event applied, recorded in the same transaction as its effect.
 CREATE TABLE stripe_events (
@@ -22,6 +23,7 @@ CREATE TABLE invoices (
     user_id          text NOT NULL REFERENCES users (id),
     subscription_id  text,
     billing_reason   text NOT NULL,
+    payment_intent   text,                              -- refunds and disputes find their invoice by it
     tier             text NOT NULL,
     currency         text NOT NULL,
     amount_paid      bigint NOT NULL,
@@ -34,6 +36,7 @@ CREATE TABLE invoices (
 );
 CREATE INDEX invoices_paid_at ON invoices (paid_at);
 CREATE INDEX invoices_user ON invoices (user_id);
+CREATE INDEX invoices_payment_intent ON invoices (payment_intent);
 
 -- Tier changes of every kind, for signups/upgrades/downgrades/churn figures.
 CREATE TABLE tier_changes (

@@ -1,0 +1,1 @@
+"""Stripe billing: checkout and plan changes (proxy side), webhook effects (listener side)."""

@@ -1,0 +1,36 @@
+"""The Stripe client, built from the environment, and Stripe errors as HTTP answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import stripe
+
+from ..settings import Settings
+
+
+def make_client(settings: Settings) -> stripe.StripeClient:
+    """An async-capable ``StripeClient``; ``STRIPE_API_BASE`` points it at another server."""
+    bases = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
+    return stripe.StripeClient(
+        settings.stripe_api_key or "sk_unset",
+        base_addresses=bases,  # type: ignore[arg-type]
+        http_client=stripe.AIOHTTPClient(),
+        max_network_retries=2,
+    )
+
+
+def plain(obj: Any) -> dict[str, Any]:
+    """A Stripe object as plain nested dicts (Stripe objects are not dicts)."""
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def http_status_for(error: stripe.StripeError) -> int:
+    """The status the proxy answers with when a Stripe call fails."""
+    if isinstance(error, stripe.CardError):
+        return 402
+    if isinstance(error, stripe.InvalidRequestError):
+        return 400
+    if isinstance(error, (stripe.APIConnectionError, stripe.RateLimitError)):
+        return 503
+    return 502
