@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ..state import CONFIG, POOL, SETTINGS, caller
 from ..tiers import Tier
-from .stripe_api import http_status_for, make_client, plain
+from .stripe_api import http_status_for, plain, stripe_client
 
 STRIPE = web.AppKey("stripe", stripe.StripeClient)
 
@@ -137,8 +137,8 @@ def setup_billing(app: web.Application) -> None:
     """Add the billing routes to the proxy application."""
 
     async def client(app: web.Application):  # noqa: ANN202
-        app[STRIPE] = make_client(app[SETTINGS])
-        yield
+        async with stripe_client(app[SETTINGS]) as app[STRIPE]:
+            yield
 
     app.cleanup_ctx.append(client)
     app.router.add_post("/api/billing/checkout", checkout_handler)

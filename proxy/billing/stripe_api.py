@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import stripe
@@ -9,15 +11,21 @@ import stripe
 from ..settings import Settings
 
 
-def make_client(settings: Settings) -> stripe.StripeClient:
-    """An async-capable ``StripeClient``; ``STRIPE_API_BASE`` points it at another server."""
+@asynccontextmanager
+async def stripe_client(settings: Settings) -> AsyncIterator[stripe.StripeClient]:
+    """An async ``StripeClient`` on aiohttp, closed on exit; ``STRIPE_API_BASE`` points it
+    at another server (a local fake in tests)."""
     bases = {"api": settings.stripe_api_base} if settings.stripe_api_base else None
-    return stripe.StripeClient(
-        settings.stripe_api_key or "sk_unset",
-        base_addresses=bases,  # type: ignore[arg-type]
-        http_client=stripe.AIOHTTPClient(),
-        max_network_retries=2,
-    )
+    http = stripe.AIOHTTPClient()
+    try:
+        yield stripe.StripeClient(
+            settings.stripe_api_key or "sk_unset",
+            base_addresses=bases,  # type: ignore[arg-type]
+            http_client=http,
+            max_network_retries=2,
+        )
+    finally:
+        await http.close_async()
 
 
 def plain(obj: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ..ledger import Ledger
 from ..mail import Mailer
 from ..settings import Settings
 from .effects import Effects
-from .stripe_api import make_client
+from .stripe_api import stripe_client
 
 log = logging.getLogger("costproxy.webhooks")
 
@@ -68,15 +68,15 @@ def create_webhook_app(settings: Settings, redis_url: str, database_url: str) ->
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = Redis.from_url(redis_url)
         pool = await connect_pool(database_url)
-        client = make_client(settings)
-        effects = Effects(pool, Ledger(redis, settings.redis_prefix), ConfigStore(settings.pricing_file, settings.tiers_file), client, settings.past_due_grace_days)
-        app[EFFECTS] = effects
-        app[MAILER] = Mailer(settings.smtp_url, settings.mail_from)
-        sweeper = asyncio.create_task(_lapse_loop(effects))
-        watcher = asyncio.create_task(effects.config.watch(settings.config_reload_seconds))
-        yield
-        sweeper.cancel()
-        watcher.cancel()
+        async with stripe_client(settings) as client:
+            config = ConfigStore(settings.pricing_file, settings.tiers_file)
+            effects = Effects(pool, Ledger(redis, settings.redis_prefix), config, client, settings.past_due_grace_days)
+            app[EFFECTS] = effects
+            app[MAILER] = Mailer(settings.smtp_url, settings.mail_from)
+            tasks = [asyncio.create_task(_lapse_loop(effects)), asyncio.create_task(config.watch(settings.config_reload_seconds))]
+            yield
+            for task in tasks:
+                task.cancel()
         await pool.close()
         await redis.aclose()
 
