@@ -53,8 +53,8 @@ class Accounts:
             user_id=user_id,
             tier=tier,
             allowance_micro=tiers.tiers[tier].allowance_micro,
-            cycle_start_ms=now_ms(),
-            cycle_ms=tiers.cycle_ms,
+            cycle_start_ms=(start := now_ms()),
+            cycle_end_ms=tiers.cycle_end(start),
         )
         return user_id, await self.create_key(user_id)
 
@@ -153,6 +153,48 @@ class Accounts:
             "ledger": [dict(r) for r in rows],
         }
 
+
+    # admin additions ------------------------------------------------------------------
+    async def list_users(self, search: str = "", limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Users newest first; with ``search``, those whose id is it or whose email contains it."""
+        rows = await self.pool.fetch(
+            "SELECT id, email, tier, status, created_at FROM users"
+            " WHERE $1 = '' OR id = $1 OR strpos(lower(email), lower($1)) > 0"
+            " ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+            search, limit, offset,
+        )
+        return [dict(r) for r in rows]
+
+    async def rotate_key(self, key_id: str, overlap_seconds: int) -> NewKey:
+        """Issue a replacement for ``key_id`` (same user and name). The old key keeps working
+        for ``overlap_seconds`` (0: revoked now): its Redis mirror entry expires then, and
+        :meth:`revoke_due_keys` records the revocation in Postgres."""
+        if overlap_seconds < 0:
+            raise AccountError("overlap_seconds must not be negative")
+        old = await self.pool.fetchrow("SELECT user_id, name, key_hash, revoked_at, revoke_after FROM api_keys WHERE id = $1", key_id)
+        if old is None:
+            raise AccountError(f"no key {key_id!r}")
+        if old["revoked_at"] is not None or old["revoke_after"] is not None:
+            raise AccountError(f"key {key_id!r} is already revoked or being rotated")
+        new = await self.create_key(old["user_id"], old["name"])
+        if overlap_seconds == 0:
+            await self.revoke_key(key_id)
+        else:
+            await self.pool.execute(
+                "UPDATE api_keys SET revoke_after = now() + make_interval(secs => $2) WHERE id = $1", key_id, overlap_seconds
+            )
+            await self.mirror.expire(old["key_hash"], overlap_seconds * 1000)
+        return new
+
+    async def revoke_due_keys(self) -> int:
+        """Revoke every key whose rotation overlap has ended; returns how many."""
+        rows = await self.pool.fetch(
+            "UPDATE api_keys SET revoked_at = revoke_after"
+            " WHERE revoked_at IS NULL AND revoke_after <= now() RETURNING key_hash"
+        )
+        for row in rows:
+            await self.mirror.remove(row["key_hash"])
+        return len(rows)
 
 async def sync_key_mirror(pool: asyncpg.Pool, mirror: KeyMirror) -> int:
     """Rewrite the Redis key mirror from Postgres (e.g. after a Redis loss); returns keys written."""

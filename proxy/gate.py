@@ -100,7 +100,7 @@ class Gate:
                 rpm=tier.rpm,
                 hold_ttl_ms=self.hold_ttl_ms,
                 allowance_micro=tier.allowance_micro,
-                cycle_ms=config.tiers.cycle_ms,
+                renewal=config.tiers.renewal,
             )
             if result.reason == "ok":
                 return Ticket(identity, tier, model, call, hold_id, hold, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Annotated, Literal
@@ -11,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MICRO_PER_USD = 1_000_000
 MICRO_PER_CREDIT = 10_000
 DAY_MS = 86_400_000
+
+
+def _month_start(ms: int, months_ahead: int = 0) -> int:
+    at = datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+    index = at.year * 12 + at.month - 1 + months_ahead
+    return int(datetime(index // 12, index % 12 + 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
 
 
 def model_matches(pattern: str, provider: str, model: str) -> bool:
@@ -66,7 +73,7 @@ class TiersFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cycle_days: Annotated[int, Field(gt=0, le=366)] = 30
+    cycle: Annotated[int, Field(gt=0, le=366)] | Literal["calendar_month"] = 30
     default_tier: str = "free"
     tiers: dict[str, Tier] = Field(min_length=1)
 
@@ -86,9 +93,19 @@ class TiersFile(BaseModel):
                 seen[tier.stripe_price_id] = name
         return self
 
-    @property
-    def cycle_ms(self) -> int:
-        return self.cycle_days * DAY_MS
+    def cycle_end(self, start_ms: int) -> int:
+        """End of a self-renewing cycle starting at ``start_ms``: ``cycle`` days later, or the
+        first instant of the next calendar month (UTC)."""
+        if self.cycle != "calendar_month":
+            return start_ms + self.cycle * DAY_MS
+        return _month_start(start_ms, months_ahead=1)
+
+    def renewal(self, now_ms: int) -> tuple[int, int, int]:
+        """What the admission script needs to renew a lapsed cycle: the cycle length in ms,
+        or 0 and the bounds of the calendar month containing ``now_ms``."""
+        if self.cycle != "calendar_month":
+            return self.cycle * DAY_MS, 0, 0
+        return 0, _month_start(now_ms), _month_start(now_ms, months_ahead=1)
 
     def tier_for_price(self, price_id: str | None) -> str | None:
         """The tier sold under a Stripe price id."""

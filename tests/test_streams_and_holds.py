@@ -109,7 +109,7 @@ async def test_hold_of_a_crashed_request_expires_and_is_voided_once(make_custome
     admitted = await ledger.admit(
         user_id=customer.user_id, tier="starter", hold_id=hold_id, hold_micro=5_000, strict=False,
         monthly_tokens=None, monthly_requests=None, rpm=None, hold_ttl_ms=1,
-        allowance_micro=tiers.tiers["starter"].allowance_micro, cycle_ms=tiers.cycle_ms,
+        allowance_micro=tiers.tiers["starter"].allowance_micro, renewal=tiers.renewal,
     )
     assert (admitted.reason, admitted.held) == ("ok", 5_000)
     await asyncio.sleep(0.01)

@@ -314,7 +314,7 @@ class Effects:
         free = tiers.default_tier
         await self.ledger.start_cycle(
             user_id=user["id"], tier=free, allowance_micro=tiers.tiers[free].allowance_micro, start_ms=start_ms,
-            end_ms=start_ms + tiers.cycle_ms, event_id=ledger_id, reason=f"{kind}: back to {free}", auto_renew=True,
+            end_ms=tiers.cycle_end(start_ms), event_id=ledger_id, reason=f"{kind}: back to {free}", auto_renew=True,
         )
         await self.ledger.set_status(user["id"], "active")
         await conn.execute("UPDATE users SET tier = $2, status = 'active', past_due_since = NULL WHERE id = $1", user["id"], free)

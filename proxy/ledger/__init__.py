@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,20 @@ class Ledger:
         rpm: int | None,
         hold_ttl_ms: int,
         allowance_micro: int,
-        cycle_ms: int,
+        renewal: Callable[[int], tuple[int, int, int]],
     ) -> Admission:
-        """Check limits and place a hold of ``hold_micro`` in one round trip."""
+        """Check limits and place a hold of ``hold_micro`` in one round trip; a lapsed
+        self-renewing cycle is renewed first, as ``renewal(now_ms)`` describes
+        (see :meth:`proxy.tiers.TiersFile.renewal`)."""
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
+        now = now_ms()
+        cycle_ms, month_start, month_end = renewal(now)
         res = await self._admit(
             keys=self._hold_keys(user_id, hold_id),
             args=[
-                now_ms(), tier, hold_id, hold_micro, "strict" if strict else "lenient",
+                now, tier, hold_id, hold_micro, "strict" if strict else "lenient",
                 unlimited(monthly_tokens), unlimited(monthly_requests), unlimited(rpm),
-                hold_ttl_ms, allowance_micro, cycle_ms, user_id, new_id("reset"),
+                hold_ttl_ms, allowance_micro, cycle_ms, user_id, new_id("reset"), month_start, month_end,
             ],
         )
         reason = res[0].decode()
@@ -154,12 +159,12 @@ class Ledger:
         return res
 
     async def open_account(
-        self, *, user_id: str, tier: str, allowance_micro: int, cycle_start_ms: int, cycle_ms: int, auto_renew: bool = True
+        self, *, user_id: str, tier: str, allowance_micro: int, cycle_start_ms: int, cycle_end_ms: int, auto_renew: bool = True
     ) -> bool:
         """Create the account with its first cycle's allowance; False if it already exists."""
         res = await self._move(
             "open", user_id, allowance_micro, f"open_{user_id}", "grant", "first cycle allowance", tier,
-            cycle_start_ms, cycle_start_ms + cycle_ms, "1" if auto_renew else "0", "0",
+            cycle_start_ms, cycle_end_ms, "1" if auto_renew else "0", "0",
         )
         return res[0] == b"ok"
 

@@ -4,7 +4,8 @@
 -- KEYS: 1 account hash, 2 holds zset (score = expiry ms), 3 hold hash, 4 ledger stream
 -- ARGV: 1 now_ms, 2 tier the caller priced the request for, 3 hold id, 4 hold amount (µ$),
 --       5 policy ("strict" | "lenient"), 6 monthly tokens, 7 monthly requests, 8 rpm
---       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms,
+--       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms
+--       (0 = calendar months: 14 and 15 are the current month's start and end ms),
 --       12 user id, 13 id of the reset ledger event should a renewal happen
 -- Returns {"ok", balance, held} or {reason, ...}: "no_account", "tier" + actual tier,
 -- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
@@ -24,12 +25,18 @@ local requests = tonumber(a[9])
 
 if a[7] == '1' and now >= cycle_end then
   local cycle_ms = tonumber(ARGV[11])
-  local start = cycle_end + math.floor((now - cycle_end) / cycle_ms) * cycle_ms
+  local start, new_end
+  if cycle_ms > 0 then
+    start = cycle_end + math.floor((now - cycle_end) / cycle_ms) * cycle_ms
+    new_end = start + cycle_ms
+  else
+    start, new_end = tonumber(ARGV[14]), tonumber(ARGV[15])
+  end
   local allowance = tonumber(ARGV[10])
   local delta = allowance - balance
   balance, tokens, requests = allowance, 0, 0
   redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
-    'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', start + cycle_ms))
+    'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', new_end))
   redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', ARGV[13], 'user', ARGV[12],
     'amount', string.format('%.0f', delta), 'balance', ARGV[10], 'ts', ARGV[1], 'tier', ARGV[2])
 end
