@@ -73,7 +73,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from .worker import run_worker
 
     try:
-        _run(run_worker(redis_url(settings), database_url(settings), settings.redis_prefix, settings.worker_batch, args.port))
+        _run(run_worker(settings, redis_url(settings), database_url(settings), args.port))
     except KeyboardInterrupt:
         pass
     return 0

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 from . import metrics
 from .gate import Ticket, credits
-from .ledger import Ledger
+from .ledger import Ledger, Resolution, WarnAt
 from .pricing import Usage
 from .providers.base import HOP_BY_HOP, Provider, ProxyError, StreamMeter
 
@@ -107,17 +107,25 @@ class Forwarder:
             usage = None
         if usage is None:
             usage = Usage(input_tokens=-(-ticket.call.prompt_upper_bound // 4), estimated=True)
-        cost, balance = await self._post(ticket, provider, usage, upstream.status, upstream_seconds)
+        cost, settled = await self._post(ticket, provider, usage, upstream.status, upstream_seconds)
         headers = _client_headers(upstream.headers)
         headers["x-credits-charged"] = credits(cost)
-        headers["x-credits-remaining"] = credits(balance)
+        headers["x-credits-remaining"] = credits(settled.balance)
+        warnings = ticket.tier.usage_warnings(settled.balance, settled.tokens, settled.requests)
+        if warnings:
+            headers["x-credits-warning"] = ", ".join(warnings)
         metrics.OVERHEAD.labels(provider.name).observe(max(0.0, time.perf_counter() - started - upstream_seconds))
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(
         self, request: web.Request, upstream, provider: Provider, ticket: Ticket, started: float, sent: float
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, headers=_client_headers(upstream.headers))
+        headers = _client_headers(upstream.headers)
+        before = ticket.admission  # a stream's own cost is known only after its last byte
+        warnings = ticket.tier.usage_warnings(before.balance, before.tokens, before.requests)
+        if warnings:
+            headers["x-credits-warning"] = ", ".join(warnings)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
         meter = provider.stream_meter(ticket.call)
         client = _Client(request, response, self.drain_seconds)
         gauge = metrics.ACTIVE_STREAMS.labels(provider.name)
@@ -148,9 +156,10 @@ class Forwarder:
 
     async def _post(
         self, ticket: Ticket, provider: Provider, usage: Usage, status: int, upstream_seconds: float, stream: bool = False
-    ) -> tuple[int, int]:
+    ) -> tuple[int, Resolution]:
         cost = ticket.model.cost_micro(usage, ticket.call.service_tier, ticket.call.batch)
         tier_name = ticket.identity.tier
+        tier = ticket.tier
         result = await self.ledger.post(
             user_id=ticket.identity.user_id,
             hold_id=ticket.hold_id,
@@ -163,6 +172,7 @@ class Forwarder:
                 "reasoning": usage.reasoning_tokens, "estimated": int(usage.estimated), "stream": int(stream),
                 "status": status, "ms": int(upstream_seconds * 1000),
             },
+            warn_at=WarnAt(tier.allowance_micro, tier.monthly_tokens, tier.monthly_requests, int(tier.warning_threshold * 1000)),
         )
         labels = (provider.name, ticket.model.name, tier_name)
         metrics.UPSTREAM_LATENCY.labels(provider.name).observe(upstream_seconds)
@@ -172,7 +182,7 @@ class Forwarder:
         if usage.estimated:
             metrics.ESTIMATED.labels(provider.name).inc()
         self._count(provider, ticket, status)
-        return cost, result.balance
+        return cost, result
 
     async def _void(self, ticket: Ticket, provider: Provider, reason: str) -> None:
         await self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, reason=reason)

@@ -41,6 +41,7 @@ class Tier(BaseModel):
     admission: Literal["strict", "lenient"] = "lenient"
     stripe_price_id: str | None = None
     rollover: bool = False
+    warning_threshold: Annotated[Decimal, Field(gt=0, le=1, decimal_places=3)] = Decimal("0.8")
 
     @model_validator(mode="after")
     def _allowance_is_whole(self) -> "Tier":
@@ -59,6 +60,20 @@ class Tier(BaseModel):
         if self.monthly_credits is not None:
             return self.monthly_credits * MICRO_PER_CREDIT
         return int(self.price_usd * self.api_budget_ratio * MICRO_PER_USD)
+
+    def usage_warnings(self, balance_micro: int, tokens: int, requests: int) -> list[str]:
+        """``metric=NN%`` for each of credits, tokens and requests at or over the warning
+        threshold of this cycle's allowance or limit."""
+        used = (
+            ("credits", self.allowance_micro - balance_micro, self.allowance_micro),
+            ("tokens", tokens, self.monthly_tokens),
+            ("requests", requests, self.monthly_requests),
+        )
+        return [
+            f"{metric}={min(999, amount * 100 // limit)}%"
+            for metric, amount, limit in used
+            if limit and amount >= limit * self.warning_threshold
+        ]
 
     def allows_provider(self, provider: str) -> bool:
         return provider in self.providers

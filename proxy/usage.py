@@ -1,5 +1,8 @@
 """The usage log: ledger events move from the shard streams in Redis to Postgres.
 
+Usage warnings travel the same streams; they are mailed (:mod:`proxy.notices`) rather
+than written.
+
 Events are read with a consumer group, written in one transaction per batch with
 ``ON CONFLICT DO NOTHING`` (so a replay is harmless), and acknowledged and deleted only
 after the commit. A Postgres outage leaves them pending in Redis; they are written when
@@ -21,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from . import metrics
 from .ledger import Ledger
+from .notices import UsageWarnings
 
 log = logging.getLogger("costproxy.usage")
 
@@ -60,8 +64,9 @@ def _rows(fields: dict[str, str]) -> tuple[tuple[Any, ...], tuple[Any, ...] | No
 class UsageLog:
     """Drains every shard's ledger stream into Postgres."""
 
-    def __init__(self, redis: Redis, ledger: Ledger, pool: asyncpg.Pool, batch: int = 500):
+    def __init__(self, redis: Redis, ledger: Ledger, pool: asyncpg.Pool, batch: int = 500, warnings: UsageWarnings | None = None):
         self.redis = redis
+        self.warnings = warnings
         self.pool = pool
         self.batch = batch
         self.streams = ledger.stream_keys()
@@ -91,18 +96,24 @@ class UsageLog:
         batch = await self._read("0", None) or await self._read(">", block_ms)
         if not batch:
             return 0
-        ledger_rows, usage_rows = [], []
+        ledger_rows, usage_rows, warnings = [], [], []
         for _, entries in batch:
             for _, raw in entries:
                 fields = {k.decode(): v.decode() for k, v in raw.items()}
+                if fields["kind"] == "warning":
+                    warnings.append(fields)
+                    continue
                 ledger_row, usage_row = _rows(fields)
                 ledger_rows.append(ledger_row)
                 if usage_row is not None:
                     usage_rows.append(usage_row)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(_LEDGER_SQL, ledger_rows)
-            if usage_rows:
-                await conn.executemany(_USAGE_SQL, usage_rows)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.executemany(_LEDGER_SQL, ledger_rows)
+                if usage_rows:
+                    await conn.executemany(_USAGE_SQL, usage_rows)
+            if warnings and self.warnings is not None:
+                await self.warnings.send(conn, warnings)
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, entries in batch:
                 ids = [entry_id for entry_id, _ in entries]
@@ -110,7 +121,7 @@ class UsageLog:
                 pipe.xdel(stream, *ids)
             await pipe.execute()
         metrics.USAGE_LOG_WRITTEN.inc(len(ledger_rows))
-        return len(ledger_rows)
+        return len(ledger_rows) + len(warnings)
 
     async def claim_abandoned(self) -> None:
         """Take over entries a dead consumer read but never acknowledged."""

@@ -12,6 +12,9 @@ from . import metrics
 from .app import health_handler, metrics_handler
 from .keys import KeyMirror
 from .ledger import Ledger, now_ms
+from .mail import Mailer
+from .notices import UsageWarnings
+from .settings import Settings
 from .usage import UsageLog
 
 log = logging.getLogger("costproxy.worker")
@@ -49,15 +52,15 @@ async def _sweep_holds(ledger: Ledger, stop: asyncio.Event) -> None:
             pass
 
 
-async def run_worker(redis_url: str, database_url: str, prefix: str, batch: int, port: int) -> None:
+async def run_worker(settings: Settings, redis_url: str, database_url: str, port: int) -> None:
     """Run until interrupted; serves ``/healthz`` and ``/metrics`` on ``port``."""
     from .accounts import sync_key_mirror
     from .db import connect_pool
 
     redis = Redis.from_url(redis_url)
     pool = await connect_pool(database_url)
-    ledger = Ledger(redis, prefix)
-    synced = await sync_key_mirror(pool, KeyMirror(redis, prefix))
+    ledger = Ledger(redis, settings.redis_prefix)
+    synced = await sync_key_mirror(pool, KeyMirror(redis, settings.redis_prefix))
     log.info("key mirror holds %d active keys", synced)
     app = web.Application()
     app.router.add_get("/healthz", health_handler)
@@ -67,7 +70,9 @@ async def run_worker(redis_url: str, database_url: str, prefix: str, batch: int,
     await web.TCPSite(runner, "0.0.0.0", port).start()
     stop = asyncio.Event()
     try:
-        await asyncio.gather(UsageLog(redis, ledger, pool, batch).run(stop), _sweep_holds(ledger, stop))
+        warnings = UsageWarnings(Mailer(settings.smtp_url, settings.mail_from))
+        usage_log = UsageLog(redis, ledger, pool, settings.worker_batch, warnings)
+        await asyncio.gather(usage_log.run(stop), _sweep_holds(ledger, stop))
     finally:
         stop.set()
         await runner.cleanup()

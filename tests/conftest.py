@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiosmtpd.controller import Controller
 from redis.asyncio import Redis
 
 from proxy.accounts import Accounts
@@ -136,6 +138,30 @@ def accounts(pool: asyncpg.Pool, ledger: Ledger, redis: Redis, settings: Setting
 @pytest.fixture
 def usage_log(redis: Redis, ledger: Ledger, pool: asyncpg.Pool) -> UsageLog:
     return UsageLog(redis, ledger, pool, batch=1000)
+
+
+class Inbox:
+    """Messages received by the test SMTP server."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[list[str], str]] = []
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        self.messages.append((envelope.rcpt_tos, envelope.content.decode()))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp():
+    """A local SMTP server: (inbox, port)."""
+    with socket.socket() as probe:  # aiosmtpd needs a concrete port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    inbox = Inbox()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield inbox, port
+    controller.stop()
 
 
 @dataclass

@@ -10,14 +10,12 @@ import asyncio
 import email
 import email.policy
 import random
-import socket
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
 import pytest
-from aiosmtpd.controller import Controller
 
 from proxy.billing.webhooks import EFFECTS, create_webhook_app
 
@@ -27,27 +25,6 @@ SECRET = "whsec_test_secret"
 STARTER, PRO = "price_starter_monthly", "price_professional_monthly"
 T0 = int(time.time()) - 20 * DAY  # subscribed 20 days ago
 MONTH = 30 * DAY
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], str]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
-        self.messages.append((envelope.rcpt_tos, envelope.content.decode()))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp():
-    with socket.socket() as probe:  # aiosmtpd needs a concrete port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield inbox, port
-    controller.stop()
 
 
 @pytest.fixture

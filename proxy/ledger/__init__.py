@@ -43,6 +43,8 @@ class Admission:
     reason: str
     balance: int = 0
     held: int = 0
+    tokens: int = 0
+    requests: int = 0
     actual_tier: str | None = None
     retry_after_ms: int = 0
 
@@ -54,6 +56,22 @@ class Resolution:
     duplicate: bool
     balance: int = 0
     held: int = 0
+    tokens: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WarnAt:
+    """The cycle's limits a charge is compared with, to warn once per cycle when usage
+    crosses ``threshold_permille`` of any of them (None = unlimited, no warning)."""
+
+    allowance_micro: int
+    monthly_tokens: int | None
+    monthly_requests: int | None
+    threshold_permille: int
+
+
+NO_WARNINGS = WarnAt(0, None, None, 1000)
 
 
 class Ledger:
@@ -116,7 +134,7 @@ class Ledger:
         )
         reason = res[0].decode()
         if reason == "ok":
-            return Admission("ok", balance=int(res[1]), held=int(res[2]))
+            return Admission("ok", *(int(v) for v in res[1:5]))
         if reason == "tier":
             return Admission("tier", actual_tier=res[1].decode())
         if reason == "rpm":
@@ -125,27 +143,34 @@ class Ledger:
             return Admission("credits", balance=int(res[1]), held=int(res[2]))
         return Admission(reason)
 
-    async def post(self, *, user_id: str, hold_id: str, cost_micro: int, tokens: int, event: dict[str, Any]) -> Resolution:
-        """Charge the actual cost against the hold and log the usage event, atomically."""
-        return await self._resolve_hold("post", user_id, hold_id, cost_micro, tokens, f"chg_{hold_id}", event)
+    async def post(
+        self, *, user_id: str, hold_id: str, cost_micro: int, tokens: int, event: dict[str, Any], warn_at: WarnAt = NO_WARNINGS
+    ) -> Resolution:
+        """Charge the actual cost against the hold and log the usage event, atomically;
+        log a warning event the first time this cycle's usage crosses ``warn_at``."""
+        return await self._resolve_hold("post", user_id, hold_id, cost_micro, tokens, f"chg_{hold_id}", event, warn_at)
 
     async def void(self, *, user_id: str, hold_id: str, reason: str) -> Resolution:
         """Release a hold without charging (upstream error, timeout, expiry)."""
-        return await self._resolve_hold("void", user_id, hold_id, 0, 0, f"void_{hold_id}", {"reason": reason})
+        return await self._resolve_hold("void", user_id, hold_id, 0, 0, f"void_{hold_id}", {"reason": reason}, NO_WARNINGS)
 
     async def _resolve_hold(
-        self, mode: str, user_id: str, hold_id: str, cost: int, tokens: int, event_id: str, event: dict[str, Any]
+        self, mode: str, user_id: str, hold_id: str, cost: int, tokens: int, event_id: str, event: dict[str, Any], warn_at: WarnAt
     ) -> Resolution:
         fields: list[Any] = []
         for name, value in event.items():
             fields += [name, value]
+        unlimited = lambda v: -1 if v is None else v  # noqa: E731
         res = await self._resolve(
             keys=self._hold_keys(user_id, hold_id),
-            args=[mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, *fields],
+            args=[
+                mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, warn_at.allowance_micro,
+                unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, *fields,
+            ],
         )
         if res[0] == b"dup":
             return Resolution(duplicate=True)
-        return Resolution(duplicate=False, balance=int(res[1]), held=int(res[2]))
+        return Resolution(False, *(int(v) for v in res[1:5]))
 
     # grants ---------------------------------------------------------------------------
     async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, tier: str, *cycle: Any) -> list[Any]:

@@ -7,7 +7,7 @@
 --       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms
 --       (0 = calendar months: 14 and 15 are the current month's start and end ms),
 --       12 user id, 13 id of the reset ledger event should a renewal happen
--- Returns {"ok", balance, held} or {reason, ...}: "no_account", "tier" + actual tier,
+-- Returns {"ok", balance, held, tokens, requests} or {reason, ...}: "no_account", "tier" + actual tier,
 -- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
 local a = redis.call('HMGET', KEYS[1], 'tier', 'status', 'balance', 'held', 'open_holds',
   'cycle_end', 'auto_renew', 'tokens', 'requests', 'rpm_win', 'rpm_cur', 'rpm_prev')
@@ -35,6 +35,7 @@ if a[7] == '1' and now >= cycle_end then
   local allowance = tonumber(ARGV[10])
   local delta = allowance - balance
   balance, tokens, requests = allowance, 0, 0
+  redis.call('HDEL', KEYS[1], 'warned_credits', 'warned_tokens', 'warned_requests')
   redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
     'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', new_end))
   redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', ARGV[13], 'user', ARGV[12],
@@ -71,4 +72,4 @@ redis.call('ZADD', KEYS[2], expires, ARGV[3])
 redis.call('HSET', KEYS[1], 'rpm_win', win, 'rpm_cur', cur + 1, 'rpm_prev', prev)
 redis.call('HINCRBY', KEYS[1], 'open_holds', 1)
 held = redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
-return {'ok', string.format('%.0f', balance), held}
+return {'ok', string.format('%.0f', balance), held, string.format('%.0f', tokens), string.format('%.0f', requests)}

@@ -30,6 +30,7 @@ elseif mode == 'cycle' then
   if ARGV[13] == '1' and current > 0 then balance = balance + current end
   delta = balance - current
   redis.call('HSET', KEYS[1], 'balance', string.format('%.0f', balance), 'tokens', 0, 'requests', 0, 'cost', 0)
+  redis.call('HDEL', KEYS[1], 'warned_credits', 'warned_tokens', 'warned_requests')
 else
   redis.call('HINCRBY', KEYS[1], 'balance', ARGV[2])
 end
