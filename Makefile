@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8080
 WORKER_PORT ?= 9101
+WEBHOOK_PORT ?= 8090
 
 .PHONY: install run test bench stop check clean
 
@@ -23,13 +24,14 @@ install: $(STAMP)
 check: install
 	$(BIN)/costproxy config check
 
-# Proxy on :$(PORT) and the worker, on embedded Redis and PostgreSQL kept under ./.data
-# unless REDIS_URL / DATABASE_URL are set. Ctrl-C stops both (the embedded servers keep
-# running for the next start; `make stop` stops them).
+# Proxy on :$(PORT), webhook listener on :$(WEBHOOK_PORT) and the worker, on embedded
+# Redis and PostgreSQL kept under ./.data unless REDIS_URL / DATABASE_URL are set. Ctrl-C
+# stops all three (the embedded servers keep running for the next start; `make stop`).
 run: check
 	$(BIN)/costproxy migrate
 	trap 'kill 0' INT TERM EXIT; \
 	$(BIN)/costproxy worker --port $(WORKER_PORT) & \
+	$(BIN)/costproxy webhooks --port $(WEBHOOK_PORT) & \
 	$(BIN)/costproxy serve --port $(PORT)
 
 test: install
