@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``costproxy`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # chatty about attaching to the embedded server
     args = build_parser().parse_args(argv)
     return args.func(args, Settings.from_env())
 

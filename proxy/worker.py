@@ -65,7 +65,7 @@ async def run_worker(settings: Settings, redis_url: str, database_url: str, port
     app = web.Application()
     app.router.add_get("/healthz", health_handler)
     app.router.add_get("/metrics", metrics_handler)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", port).start()
     stop = asyncio.Event()
