@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 from aiohttp import ClientSession, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from .billing.plans import setup_billing
 from .config import Config, ConfigStore
@@ -67,6 +67,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         identity = await gate.identify(provider, key)
         body, payload = await _read_json(request, app[SETTINGS].max_body_bytes)
         if provider.is_free(request.method, tail):
+            gate.tier_for(config, provider, identity)
             return await app[FORWARDER].relay_free(request, provider, tail, body)
         call = provider.inspect(request.method, tail, body, payload)
         ticket = await gate.admit(config, provider, key, identity, call)  # type: ignore[arg-type]
@@ -134,7 +135,8 @@ def create_app(settings: Settings, redis_url: str, database_url: str = "") -> we
     async def resources(app: web.Application) -> AsyncIterator[None]:
         import asyncio
 
-        redis = Redis.from_url(redis_url, max_connections=256)
+        # Waits for a free connection under bursts instead of failing the request.
+        redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=256, timeout=10))
         app[POOL] = await asyncpg.create_pool(database_url, min_size=0, max_size=4) if database_url else None  # type: ignore[assignment]
         store = ConfigStore(settings.pricing_file, settings.tiers_file)
         ledger = Ledger(redis, settings.redis_prefix)

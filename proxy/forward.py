@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 
-import orjson
 from aiohttp import ClientConnectionResetError, ClientError, ClientSession, ClientTimeout, web
 from multidict import CIMultiDict
 
@@ -21,7 +20,7 @@ from . import metrics
 from .gate import Ticket, credits
 from .ledger import Ledger, Resolution, WarnAt
 from .pricing import Usage
-from .providers.base import HOP_BY_HOP, Provider, ProxyError, StreamMeter
+from .providers.base import HOP_BY_HOP, Provider, ProxyError
 
 log = logging.getLogger("costproxy.forward")
 
@@ -101,10 +100,7 @@ class Forwarder:
             await self._void(ticket, provider, "upstream_broken")
             raise _unreachable(provider, exc) from None
         upstream_seconds = time.perf_counter() - sent
-        try:
-            usage = provider.usage_from_body(ticket.call, orjson.loads(body))
-        except orjson.JSONDecodeError:
-            usage = None
+        usage = provider.usage_from_response(ticket.call, body, upstream.headers)
         if usage is None:
             usage = Usage(input_tokens=-(-ticket.call.prompt_upper_bound // 4), estimated=True)
         cost, settled = await self._post(ticket, provider, usage, upstream.status, upstream_seconds)

@@ -57,23 +57,28 @@ class Gate:
             )
         return identity
 
-    def price(self, config: Config, provider: Provider, identity: Identity, call: Call) -> tuple[Tier, PricedModel]:
-        """The caller's tier and the model's prices, or a 404/403 if either rules it out."""
+    def tier_for(self, config: Config, provider: Provider, identity: Identity) -> Tier:
+        """The caller's tier, or a 403 if it does not include this provider (no Redis needed)."""
         tier = config.tiers.tiers.get(identity.tier)
         if tier is None:
             raise ProxyError(403, "unknown_tier", f"Your account's tier {identity.tier!r} is no longer offered; contact support.")
-        model = config.prices.find(provider.name, call.model)
-        if model is None:
-            raise ProxyError(
-                404, "model_not_found",
-                f"The model {call.model!r} is not available through this gateway for {provider.name}.",
-            )
         if not tier.allows_provider(provider.name):
             raise ProxyError(
                 403, "provider_not_in_tier",
                 f"Your {identity.tier} plan does not include {provider.name}. "
                 f"Upgrade your plan (POST /api/credits/upgrade) to use it.",
             )
+        return tier
+
+    def price(self, config: Config, provider: Provider, identity: Identity, call: Call) -> tuple[Tier, PricedModel]:
+        """The caller's tier and the model's prices, or a 404/403 if either rules it out."""
+        model = config.prices.find(provider.name, call.model)
+        if model is None:
+            raise ProxyError(
+                404, "model_not_found",
+                f"The model {call.model!r} is not available through this gateway for {provider.name}.",
+            )
+        tier = self.tier_for(config, provider, identity)
         if not tier.allows_model(provider.name, call.model):
             raise ProxyError(
                 403, "model_not_in_tier",

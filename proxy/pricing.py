@@ -79,6 +79,10 @@ class ProviderPricing(_Strict):
     wire: str | None = None
     base_url: str | None = None
     api_key_env: str | None = None
+    #: ``ask``: streamed chat requests get ``stream_options.include_usage`` added so the
+    #: stream reports usage; ``always``: the provider reports usage in every stream and
+    #: rejects that field (Mistral), so requests go upstream unchanged.
+    stream_usage: Literal["ask", "always"] = "ask"
     default_max_output_tokens: int = Field(default=4096, gt=0)
     models: dict[str, ModelPrice]
 

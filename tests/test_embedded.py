@@ -36,5 +36,5 @@ def test_processes_share_one_embedded_redis_and_postgres(data_dir):
     assert (data_dir / "redis" / "redis.pid").read_text() == pid  # attached, not restarted
 
     migrate = "from proxy.cli import main; main(['migrate'])"
-    assert _in_subprocess(migrate, data_dir).endswith("applied 001_accounts_and_ledger.sql")
+    assert "applied 001_accounts_and_ledger.sql, 002_billing.sql" in _in_subprocess(migrate, data_dir)
     assert _in_subprocess(migrate, data_dir).endswith("database is up to date")  # same server, same database

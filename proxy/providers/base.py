@@ -9,6 +9,7 @@ forwarder and ledger never look inside a provider's payloads themselves.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ..pricing import Usage
+from ..pricing import ProviderPricing, Usage
 from .sse import SSESplitter
 
 HOP_BY_HOP = frozenset(
@@ -119,6 +120,9 @@ class Provider:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
 
+    def configure(self, entry: ProviderPricing) -> None:
+        """Take provider options from its ``pricing.yaml`` entry; called once after construction."""
+
     # credentials ------------------------------------------------------------------------
     def caller_key(self, request: web.Request) -> str | None:
         """The proxy key the caller sent, wherever this provider's SDK puts it."""
@@ -159,6 +163,17 @@ class Provider:
     # responses ---------------------------------------------------------------------------
     def usage_from_body(self, call: Call, payload: Any) -> Usage | None:
         raise NotImplementedError
+
+    def usage_from_response(self, call: Call, body: bytes, headers: Mapping[str, str]) -> Usage | None:
+        """Usage of a whole (non-streamed) answer; by default read from its JSON body.
+
+        Override where the provider reports usage in response headers (Bedrock InvokeModel).
+        """
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        return self.usage_from_body(call, payload)
 
     def stream_meter(self, call: Call) -> StreamMeter:
         raise NotImplementedError

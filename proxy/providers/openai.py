@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from ..pricing import Usage
+from ..pricing import ProviderPricing, Usage
 from .base import Call, Provider, ProxyError, StreamMeter, optional_int, prompt_upper_bound, require_model
 from .sse import event_data
 
@@ -110,6 +110,11 @@ class OpenAIProvider(Provider):
     """OpenAI and OpenAI-compatible APIs."""
 
     wire = "openai"
+    #: add ``stream_options.include_usage`` to streamed chat requests (``stream_usage: ask``)
+    ask_stream_usage = True
+
+    def configure(self, entry: ProviderPricing) -> None:
+        self.ask_stream_usage = entry.stream_usage == "ask"
 
     def is_free(self, method: str, tail: str) -> bool:
         return method == "GET" and (tail == "v1/models" or tail.startswith("v1/models/"))
@@ -133,7 +138,7 @@ class OpenAIProvider(Provider):
             max_out = optional_int(payload, "max_completion_tokens", "max_tokens")
             if max_out is not None:
                 max_out *= optional_int(payload, "n") or 1
-            if stream and not (payload.get("stream_options") or {}).get("include_usage"):
+            if stream and self.ask_stream_usage and not (payload.get("stream_options") or {}).get("include_usage"):
                 payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
                 body = orjson.dumps(payload)
                 options["usage_injected"] = True

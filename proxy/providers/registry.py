@@ -6,17 +6,27 @@ import os
 
 from ..pricing import PriceBook
 from ..settings import Settings
+from .anthropic import AnthropicProvider
+from .azure import AzureOpenAIProvider
 from .base import Provider
+from .bedrock import BedrockProvider
+from .google import GoogleProvider
 from .openai import OpenAIProvider
 
 #: wire format name -> provider class
 WIRES: dict[str, type[Provider]] = {
     "openai": OpenAIProvider,
+    "anthropic": AnthropicProvider,
+    "google": GoogleProvider,
+    "azure": AzureOpenAIProvider,
+    "bedrock": BedrockProvider,
 }
 
 #: default upstream of each built-in provider (override with <NAME>_UPSTREAM_URL)
 BUILTIN_URLS: dict[str, str] = {
     "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://generativelanguage.googleapis.com",
 }
 
 
@@ -30,4 +40,5 @@ def build_providers(prices: PriceBook, settings: Settings) -> dict[str, Provider
         if entry.api_key_env:
             key = os.environ.get(entry.api_key_env, key)
         built[name] = cls(name, url, key)
+        built[name].configure(entry)
     return built
