@@ -129,3 +129,35 @@ async def test_hold_of_a_crashed_request_expires_and_is_voided_once(make_custome
         pass
     rows = await pool.fetch("SELECT kind, amount_micro FROM ledger WHERE user_id = $1 ORDER BY created_at, kind", customer.user_id)
     assert sorted((r["kind"], r["amount_micro"]) for r in rows) == [("charge", -700), ("grant", 3_800_000), ("void", 0)]
+
+
+async def test_a_redis_blip_at_settlement_is_retried_and_charges_once(make_customer, ledger, accounts, monkeypatch):
+    """The first settlement attempt runs but its reply is lost; the retry must not charge twice."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import proxy.ledger as ledger_module
+
+    customer = await make_customer("starter")
+    tiers = accounts.config.tiers
+    hold_id = new_id("hold")
+    await ledger.admit(
+        user_id=customer.user_id, tier="starter", hold_id=hold_id, hold_micro=5_000, strict=False,
+        monthly_tokens=None, monthly_requests=None, rpm=None, hold_ttl_ms=60_000,
+        allowance_micro=tiers.tiers["starter"].allowance_micro, renewal=tiers.renewal,
+    )
+    monkeypatch.setattr(ledger_module, "RESOLVE_RETRY_PAUSES", (0.01, None))
+    script, attempts = ledger._resolve, []
+
+    async def reply_lost_once(keys, args):
+        result = await script(keys=keys, args=args)
+        attempts.append(args[0])
+        if len(attempts) == 1:
+            raise RedisConnectionError("reply lost")
+        return result
+
+    ledger._resolve = reply_lost_once
+    settled = await ledger.post(user_id=customer.user_id, hold_id=hold_id, cost_micro=700, tokens=10, event={})
+    assert attempts == ["post", "post"]
+    assert (settled.duplicate, settled.balance, settled.held, settled.requests) == (False, 3_800_000 - 700, 0, 1)
+    account = await ledger.account(customer.user_id)
+    assert (int(account["balance"]), int(account["requests"])) == (3_800_000 - 700, 1)

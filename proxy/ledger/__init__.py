@@ -8,6 +8,7 @@ shard streams into Postgres (:mod:`proxy.usage`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 import zlib
@@ -17,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 SHARDS = 16
+#: pauses between attempts to resolve a hold while Redis is unreachable (None: give up)
+RESOLVE_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, None)
 MARKER_TTL_MS = 400 * 86_400_000  # grant ids and resolved holds are remembered this long
 _HERE = Path(__file__).parent
 
@@ -161,16 +166,27 @@ class Ledger:
         for name, value in event.items():
             fields += [name, value]
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
-        res = await self._resolve(
-            keys=self._hold_keys(user_id, hold_id),
-            args=[
-                mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, warn_at.allowance_micro,
-                unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, *fields,
-            ],
-        )
-        if res[0] == b"dup":
+        args = [
+            mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, warn_at.allowance_micro,
+            unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, *fields,
+        ]
+        # The provider has billed the request: a Redis blip must not lose the charge. The
+        # script resolves a hold once, so retrying is safe; a "dup" after a retry means an
+        # earlier attempt went through and only its reply was lost.
+        for attempt, pause in enumerate(RESOLVE_RETRY_PAUSES):
+            try:
+                res = await self._resolve(keys=self._hold_keys(user_id, hold_id), args=args)
+                break
+            except (RedisConnectionError, RedisTimeoutError):
+                if pause is None:
+                    raise
+                await asyncio.sleep(pause)
+        if res[0] != b"dup":
+            return Resolution(False, *(int(v) for v in res[1:5]))
+        if attempt == 0:
             return Resolution(duplicate=True)
-        return Resolution(False, *(int(v) for v in res[1:5]))
+        account = await self.account(user_id) or {}
+        return Resolution(False, *(int(account.get(f, 0)) for f in ("balance", "held", "tokens", "requests")))
 
     # grants ---------------------------------------------------------------------------
     async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, tier: str, *cycle: Any) -> list[Any]:
