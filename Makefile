@@ -10,7 +10,7 @@ PORT   ?= 8080
 WORKER_PORT ?= 9101
 WEBHOOK_PORT ?= 8090
 
-.PHONY: install run test bench stop check clean
+.PHONY: install run test bench stop check clean system-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is required")'
@@ -34,7 +34,18 @@ run: check
 	$(BIN)/costproxy webhooks --port $(WEBHOOK_PORT) & \
 	$(BIN)/costproxy serve --port $(PORT)
 
-test: install
+# The dashboard test drives Debian's Chromium; promtool checks the alert rules. Installed
+# from Debian's packages when missing and we may (root with apt-get); else those tests skip.
+SYSTEM_TOOLS := /usr/bin/chromium /usr/bin/promtool
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do [ -x $$t ] || missing=1; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and prometheus (promtool) from Debian's packages"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null \
+	    || echo "could not install them: the browser and promtool tests will skip"; \
+	fi
+
+test: install system-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: install

@@ -82,7 +82,7 @@ class Accounts:
         if user_id is not None:
             user_id = (await self._require_user(user_id))["id"]
         rows = await self.pool.fetch(
-            "SELECT id, user_id, name, key_prefix, created_at, revoked_at FROM api_keys"
+            "SELECT id, user_id, name, key_prefix, created_at, revoked_at, revoke_after FROM api_keys"
             " WHERE $1::text IS NULL OR user_id = $1 ORDER BY created_at DESC",
             user_id,
         )
@@ -198,9 +198,14 @@ class Accounts:
 
 async def sync_key_mirror(pool: asyncpg.Pool, mirror: KeyMirror) -> int:
     """Rewrite the Redis key mirror from Postgres (e.g. after a Redis loss); returns keys written."""
-    rows = await pool.fetch("SELECT id, user_id, key_hash FROM api_keys WHERE revoked_at IS NULL")
+    rows = await pool.fetch(
+        "SELECT id, user_id, key_hash, revoke_after - now() AS remaining FROM api_keys"
+        " WHERE revoked_at IS NULL AND (revoke_after IS NULL OR revoke_after > now())"
+    )
     for row in rows:
         await mirror.put(row["key_hash"], row["user_id"], row["id"])
+        if row["remaining"] is not None:  # a rotated key in its overlap window
+            await mirror.expire(row["key_hash"], int(row["remaining"].total_seconds() * 1000))
     return len(rows)
 
 

@@ -12,6 +12,7 @@ from aiohttp import ClientSession, TCPConnector, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from .admin import setup_admin
 from .billing.plans import setup_billing
 from .config import Config, ConfigStore
 from .forward import Forwarder
@@ -161,5 +162,6 @@ def create_app(settings: Settings, redis_url: str, database_url: str = "") -> we
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/api/credits", credits_handler)
     setup_billing(app)
+    setup_admin(app)
     app.router.add_route("*", "/{provider}/{tail:.*}", proxy_handler)
     return app

@@ -59,6 +59,10 @@ class KeyMirror:
         found = await self.redis.hmget(self._key(key_hash), "user", "key")
         return (found[0].decode(), found[1].decode()) if found[0] and found[1] else None
 
+    async def expire(self, key_hash: str, after_ms: int) -> None:
+        """Let a key's entry lapse after ``after_ms`` (the end of a rotation's overlap)."""
+        await self.redis.pexpire(self._key(key_hash), after_ms)
+
 
 class KeyCache:
     """Per-process cache of key → identity, misses included, for ``ttl`` seconds."""

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from . import metrics
 from .ledger import Ledger
 from .notices import UsageWarnings
+from .rollup import write_usage
 
 log = logging.getLogger("costproxy.usage")
 
@@ -34,11 +35,6 @@ CLAIM_IDLE_MS = 60_000
 _LEDGER_SQL = """
 INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, hold_id, reason, created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING
-"""
-_USAGE_SQL = """
-INSERT INTO usage_events (id, user_id, key_id, provider, model, tier, input_tokens, cached_input_tokens,
-    cache_write_tokens, output_tokens, reasoning_tokens, cost_micro, estimated, stream, status, latency_ms, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) ON CONFLICT (id) DO NOTHING
 """
 
 
@@ -111,7 +107,7 @@ class UsageLog:
             async with conn.transaction():
                 await conn.executemany(_LEDGER_SQL, ledger_rows)
                 if usage_rows:
-                    await conn.executemany(_USAGE_SQL, usage_rows)
+                    await write_usage(conn, usage_rows)  # with their daily rollup; a replay counts once
             if warnings and self.warnings is not None:
                 await self.warnings.send(conn, warnings)
         async with self.redis.pipeline(transaction=False) as pipe:

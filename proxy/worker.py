@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
 from . import metrics
+from .accounts import Accounts, sync_key_mirror
+from .admin.gauges import export_margin
 from .app import health_handler, metrics_handler
+from .config import ConfigStore
+from .db import connect_pool
 from .keys import KeyMirror
 from .ledger import Ledger, now_ms
 from .mail import Mailer
@@ -38,14 +43,16 @@ async def void_expired_holds(ledger: Ledger) -> int:
     return voided
 
 
-async def _sweep_holds(ledger: Ledger, stop: asyncio.Event) -> None:
+async def _sweep(ledger: Ledger, accounts: Accounts, stop: asyncio.Event) -> None:
+    """Void expired holds and revoke rotated keys whose overlap ended, every few seconds."""
     while not stop.is_set():
         try:
             count = await void_expired_holds(ledger)
             if count:
                 log.info("voided %d expired holds", count)
-        except OSError as exc:
-            log.warning("hold sweep failed: %s", exc)
+            await accounts.revoke_due_keys()
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("sweep failed: %s", exc)
         try:
             await asyncio.wait_for(stop.wait(), EXPIRY_SWEEP_SECONDS)
         except asyncio.TimeoutError:
@@ -54,13 +61,14 @@ async def _sweep_holds(ledger: Ledger, stop: asyncio.Event) -> None:
 
 async def run_worker(settings: Settings, redis_url: str, database_url: str, port: int) -> None:
     """Run until interrupted; serves ``/healthz`` and ``/metrics`` on ``port``."""
-    from .accounts import sync_key_mirror
-    from .db import connect_pool
-
     redis = Redis.from_url(redis_url)
     pool = await connect_pool(database_url)
     ledger = Ledger(redis, settings.redis_prefix)
-    synced = await sync_key_mirror(pool, KeyMirror(redis, settings.redis_prefix))
+    mirror = KeyMirror(redis, settings.redis_prefix)
+    config = ConfigStore(settings.pricing_file, settings.tiers_file)
+    accounts = Accounts(pool, ledger, mirror, config.current)
+    await accounts.revoke_due_keys()
+    synced = await sync_key_mirror(pool, mirror)
     log.info("key mirror holds %d active keys", synced)
     app = web.Application()
     app.router.add_get("/healthz", health_handler)
@@ -72,7 +80,10 @@ async def run_worker(settings: Settings, redis_url: str, database_url: str, port
     try:
         warnings = UsageWarnings(Mailer(settings.smtp_url, settings.mail_from))
         usage_log = UsageLog(redis, ledger, pool, settings.worker_batch, warnings)
-        await asyncio.gather(usage_log.run(stop), _sweep_holds(ledger, stop))
+        await asyncio.gather(
+            usage_log.run(stop), _sweep(ledger, accounts, stop),
+            export_margin(pool, lambda: config.current.tiers, stop), config.watch(settings.config_reload_seconds),
+        )
     finally:
         stop.set()
         await runner.cleanup()

@@ -19,7 +19,7 @@ CREATE INDEX api_keys_revoke_due ON api_keys (revoke_after) WHERE revoked_at IS 
 
 -- One row per UTC day, user, key, provider, model and tier: what the dashboard and the
 -- usage queries read instead of usage_events. Kept current in the usage writer's
--- transaction (proxy.admin.rollup.write_usage) and rebuildable with refresh_rollup.
+-- transaction (proxy.rollup.write_usage) and rebuildable with refresh_rollup.
 CREATE TABLE usage_daily (
     day                 date NOT NULL,
     user_id             text NOT NULL,

@@ -1,0 +1,138 @@
+"""Helpers for the admin tests: a database of their own, the proxy with the admin surface,
+and rows written straight into Postgres for figures computed by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from proxy.rollup import write_usage
+from proxy.db import migrate
+from proxy.settings import Settings
+
+from .conftest import _with_database
+
+TOKEN = "adm-" + uuid.uuid4().hex
+
+
+@contextmanager
+def fresh_database(run_url: str, seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> Iterator[str]:
+    """A migrated database of its own next to the run's (figures are global, so tests that
+    check them exactly must not see other tests' rows); ``seed`` fills it; dropped after."""
+    name = f"costproxy_admin_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(run_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    async def prepare(url: str) -> None:
+        await migrate(url)
+        if seed is not None:
+            conn = await asyncpg.connect(url)
+            try:
+                await seed(conn)
+            finally:
+                await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    url = _with_database(run_url, name)
+    try:
+        asyncio.run(prepare(url))
+        yield url
+    finally:
+        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+async def admin_proxy(aiohttp_server: Any, settings: Settings, token: str = TOKEN) -> str:
+    """Base URL of a running proxy app (with its admin surface) and ``ADMIN_TOKEN=token``."""
+    from proxy.app import create_app
+
+    live = replace(settings, admin_token=token)
+    server = await aiohttp_server(create_app(live, live.redis_url, live.database_url))
+    return str(server.make_url("")).rstrip("/")
+
+
+def bearer(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# rows written directly ---------------------------------------------------------------------
+async def user(conn: asyncpg.Connection, user_id: str, tier: str, at: datetime, email: str | None = None) -> None:
+    """A user and its signup tier change at ``at``."""
+    await conn.execute(
+        "INSERT INTO users (id, email, tier, created_at) VALUES ($1, $2, $3, $4)", user_id, email or f"{user_id}@example.com", tier, at
+    )
+    await tier_change(conn, user_id, None, tier, "signup", at)
+
+
+async def tier_change(conn: asyncpg.Connection, user_id: str, old: str | None, new: str, kind: str, at: datetime) -> None:
+    """A tier change; the user's current tier follows it."""
+    await conn.execute(
+        "INSERT INTO tier_changes (user_id, from_tier, to_tier, kind, source, changed_at) VALUES ($1, $2, $3, $4, 'test', $5)",
+        user_id, old, new, kind, at,
+    )
+    await conn.execute("UPDATE users SET tier = $2 WHERE id = $1", user_id, new)
+
+
+async def invoice(
+    conn: asyncpg.Connection, invoice_id: str, user_id: str, tier: str, reason: str, paid: int, fee: int, at: datetime,
+    refunded: int = 0, disputed: int = 0,
+) -> None:
+    """A paid invoice (amounts in cents)."""
+    await conn.execute(
+        "INSERT INTO invoices (id, user_id, billing_reason, tier, currency, amount_paid, stripe_fee, refunded, disputed, paid_at)"
+        " VALUES ($1, $2, $3, $4, 'usd', $5, $6, $7, $8, $9)",
+        invoice_id, user_id, reason, tier, paid, fee, refunded, disputed, at,
+    )
+
+
+async def ledger(conn: asyncpg.Connection, entry_id: str, user_id: str, kind: str, amount: int, balance: int, at: datetime) -> None:
+    """One ledger entry (µ$)."""
+    await conn.execute(
+        "INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, reason, created_at) VALUES ($1, $2, $3, $4, $5, 'test', $6)",
+        entry_id, user_id, kind, amount, balance, at,
+    )
+
+
+async def usage(
+    conn: asyncpg.Connection, user_id: str, tier: str, provider: str, model: str, at: datetime, *,
+    uncached: int = 0, cached: int = 0, cache_write: int = 0, output: int = 0, cost: int, key_id: str | None = None,
+) -> str:
+    """One charged request: its ledger charge and its usage row, through the rollup writer."""
+    event_id = f"chg_{uuid.uuid4().hex}"
+    await ledger(conn, event_id, user_id, "charge", -cost, 0, at)
+    await write_usage(conn, [(
+        event_id, user_id, key_id or f"key_{user_id}", provider, model, tier, uncached, cached, cache_write, output, 0,
+        cost, False, False, 200, 100, at,
+    )])
+    return event_id
+
+
+class Recorder:
+    """Stands in for an asyncpg connection or pool and remembers every query it runs."""
+
+    def __init__(self, db: Any):
+        self.db = db
+        self.queries: list[tuple[str, tuple[Any, ...]]] = []
+
+    def _run(self, method: str) -> Callable[..., Awaitable[Any]]:
+        async def call(sql: str, *args: Any) -> Any:
+            self.queries.append((sql, args))
+            return await getattr(self.db, method)(sql, *args)
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("fetch", "fetchrow", "fetchval", "execute"):
+            return self._run(name)
+        return getattr(self.db, name)
