@@ -19,6 +19,7 @@ from .forward import Forwarder
 from .gate import Gate, count_refusal
 from .keys import KeyCache, KeyMirror
 from .ledger import Ledger
+from .ledger.pipeline import RedisPipeline
 from .providers.base import Provider, ProxyError
 from .providers.registry import build_providers
 from .settings import Settings
@@ -140,7 +141,8 @@ def create_app(settings: Settings, redis_url: str, database_url: str = "") -> we
         redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=256, timeout=10))
         app[POOL] = await asyncpg.create_pool(database_url, min_size=0, max_size=4) if database_url else None  # type: ignore[assignment]
         store = ConfigStore(settings.pricing_file, settings.tiers_file)
-        ledger = Ledger(redis, settings.redis_prefix)
+        pipeline = RedisPipeline(redis_url)
+        ledger = Ledger(redis, settings.redis_prefix, pipeline)
         session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=True)
         app[REDIS], app[CONFIG], app[LEDGER] = redis, store, ledger
         app[GATE] = Gate(KeyCache(KeyMirror(redis, settings.redis_prefix), ledger, settings.key_cache_seconds), ledger, settings.hold_ttl_seconds)
@@ -152,6 +154,7 @@ def create_app(settings: Settings, redis_url: str, database_url: str = "") -> we
         watcher.cancel()
         await app[FORWARDER].close(settings.drain_seconds + 5)
         await session.close()
+        pipeline.close()
         await redis.aclose()
         if app[POOL] is not None:
             await app[POOL].close()

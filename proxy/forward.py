@@ -110,7 +110,7 @@ class Forwarder:
         warnings = ticket.tier.usage_warnings(settled.balance, settled.tokens, settled.requests)
         if warnings:
             headers["x-credits-warning"] = ", ".join(warnings)
-        metrics.OVERHEAD.labels(provider.name).observe(max(0.0, time.perf_counter() - started - upstream_seconds))
+        metrics.labelled(metrics.OVERHEAD, provider.name).observe(max(0.0, time.perf_counter() - started - upstream_seconds))
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(
@@ -124,7 +124,7 @@ class Forwarder:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         meter = provider.stream_meter(ticket.call)
         client = _Client(request, response, self.drain_seconds)
-        gauge = metrics.ACTIVE_STREAMS.labels(provider.name)
+        gauge = metrics.labelled(metrics.ACTIVE_STREAMS, provider.name)
         gauge.inc()
         try:
             await response.prepare(request)
@@ -147,7 +147,7 @@ class Forwarder:
             upstream_seconds = time.perf_counter() - sent
             await self._post(ticket, provider, meter.usage or meter.estimate(), upstream.status, upstream_seconds, stream=True)
             # For a stream the proxy's own time is what passes before the request goes out.
-            metrics.OVERHEAD.labels(provider.name).observe(sent - started)
+            metrics.labelled(metrics.OVERHEAD, provider.name).observe(sent - started)
         return response
 
     async def _post(
@@ -171,12 +171,12 @@ class Forwarder:
             warn_at=WarnAt(tier.allowance_micro, tier.monthly_tokens, tier.monthly_requests, int(tier.warning_threshold * 1000)),
         )
         labels = (provider.name, ticket.model.name, tier_name)
-        metrics.UPSTREAM_LATENCY.labels(provider.name).observe(upstream_seconds)
-        metrics.TOKENS.labels(*labels, "input").inc(usage.prompt_tokens)
-        metrics.TOKENS.labels(*labels, "output").inc(usage.output_tokens)
-        metrics.COST.labels(*labels).inc(cost)
+        metrics.labelled(metrics.UPSTREAM_LATENCY, provider.name).observe(upstream_seconds)
+        metrics.labelled(metrics.TOKENS, *labels, "input").inc(usage.prompt_tokens)
+        metrics.labelled(metrics.TOKENS, *labels, "output").inc(usage.output_tokens)
+        metrics.labelled(metrics.COST, *labels).inc(cost)
         if usage.estimated:
-            metrics.ESTIMATED.labels(provider.name).inc()
+            metrics.labelled(metrics.ESTIMATED, provider.name).inc()
         self._count(provider, ticket, status)
         return cost, result
 
@@ -186,7 +186,7 @@ class Forwarder:
 
     @staticmethod
     def _count(provider: Provider, ticket: Ticket, status: int) -> None:
-        metrics.REQUESTS.labels(provider.name, ticket.model.name, ticket.identity.tier, str(status)).inc()
+        metrics.labelled(metrics.REQUESTS, provider.name, ticket.model.name, ticket.identity.tier, str(status)).inc()
 
 
 class _Client:

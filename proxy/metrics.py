@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -53,3 +56,10 @@ CONFIG_RELOAD_OK = Gauge(
     "costproxy_config_last_reload_ok", "1 if the last pricing/tiers load succeeded, 0 if an edit was rejected."
 )
 CONFIG_RELOADS = Counter("costproxy_config_reloads_total", "Config reloads by result (ok, error).", ["result"])
+
+
+@lru_cache(maxsize=8192)
+def labelled(metric: Any, *values: str) -> Any:
+    """``metric.labels(*values)``, cached: the request path records a dozen samples and
+    prometheus_client's own label lookup is several times slower than this."""
+    return metric.labels(*values)

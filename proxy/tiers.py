@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from decimal import Decimal
 from fnmatch import fnmatchcase
+from functools import cached_property
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -54,7 +55,7 @@ class Tier(BaseModel):
                 )
         return self
 
-    @property
+    @cached_property
     def allowance_micro(self) -> int:
         """Upstream-cost budget per cycle in micro-dollars (1 credit = 10,000 µ$)."""
         if self.monthly_credits is not None:

@@ -87,9 +87,10 @@ class UsageLog:
             found = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=self.batch, block=block_ms)
         return [(s.decode() if isinstance(s, bytes) else s, entries) for s, entries in found or [] if entries]
 
-    async def drain_once(self, block_ms: int | None = None) -> int:
-        """Write one batch (this consumer's unacknowledged entries first); return rows written."""
-        batch = await self._read("0", None) or await self._read(">", block_ms)
+    async def drain_once(self, block_ms: int | None = None, pending_first: bool = True) -> int:
+        """Write one batch (this consumer's unacknowledged entries first, unless told there
+        are none); return the events handled."""
+        batch = (await self._read("0", None) if pending_first else []) or await self._read(">", block_ms)
         if not batch:
             return 0
         ledger_rows, usage_rows, warnings = [], [], []
@@ -119,10 +120,13 @@ class UsageLog:
         metrics.USAGE_LOG_WRITTEN.inc(len(ledger_rows))
         return len(ledger_rows) + len(warnings)
 
-    async def claim_abandoned(self) -> None:
-        """Take over entries a dead consumer read but never acknowledged."""
+    async def claim_abandoned(self) -> bool:
+        """Take over entries a dead consumer read but never acknowledged; True if any."""
+        claimed = False
         for stream in self.streams:
-            await self.redis.xautoclaim(stream, GROUP, self.consumer, CLAIM_IDLE_MS, count=self.batch)
+            found = await self.redis.xautoclaim(stream, GROUP, self.consumer, CLAIM_IDLE_MS, count=self.batch)
+            claimed = claimed or bool(found[1])
+        return claimed
 
     async def lag(self) -> int:
         """Events in Redis not yet written to Postgres."""
@@ -134,21 +138,29 @@ class UsageLog:
         metrics.USAGE_LOG_LAG.set(total)
         return total
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Drain until ``stop`` is set, backing off while Postgres is unreachable."""
+    async def run(self, stop: asyncio.Event, gather_seconds: float = 0.2) -> None:
+        """Drain until ``stop`` is set, backing off while Postgres is unreachable.
+
+        After a short batch it waits ``gather_seconds`` so the next one is large: one
+        transaction per few hundred events, not one per event, keeps the worker's share of
+        the machine small. Own pending entries are re-read only at start and after errors.
+        """
         await self.ensure_groups()
-        backoff = 0.5
-        rounds = 0
+        loop = asyncio.get_running_loop()
+        backoff, pending, next_chores = 0.5, True, 0.0
         while not stop.is_set():
             try:
-                if rounds % 60 == 0:
-                    await self.claim_abandoned()
-                rounds += 1
-                await self.drain_once(block_ms=500)
-                await self.lag()
-                backoff = 0.5
+                if loop.time() >= next_chores:
+                    pending = await self.claim_abandoned() or pending
+                    await self.lag()
+                    next_chores = loop.time() + 5
+                handled = await self.drain_once(block_ms=1000, pending_first=pending)
+                pending, backoff = False, 0.5
+                if handled < self.batch:
+                    await asyncio.sleep(gather_seconds)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 metrics.USAGE_LOG_ERRORS.inc()
                 log.warning("usage log write failed, events stay in Redis and will be retried: %s", exc)
+                pending = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)

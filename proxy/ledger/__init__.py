@@ -9,8 +9,9 @@ shard streams into Postgres (:mod:`proxy.usage`).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .pipeline import PipelinedScript, RedisPipeline
 
 SHARDS = 16
 #: pauses between attempts to resolve a hold while Redis is unreachable (None: give up)
@@ -32,9 +35,22 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_PROCESS_TAG = os.urandom(8).hex()
+_SEQUENCE = itertools.count(1)
+
+
+def _retag() -> None:  # a forked child must not repeat its parent's ids
+    global _PROCESS_TAG
+    _PROCESS_TAG = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_retag)
+
+
 def new_id(prefix: str) -> str:
-    """A unique ledger/hold id such as ``hold_3f2a...``."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    """A unique ledger/hold id such as ``hold_3f2a…_1c``: a random tag per process and a
+    counter, as unique as a UUID and much cheaper on the request path."""
+    return f"{prefix}_{_PROCESS_TAG}{next(_SEQUENCE):x}"
 
 
 def shard_of(user_id: str) -> int:
@@ -82,11 +98,14 @@ NO_WARNINGS = WarnAt(0, None, None, 1000)
 class Ledger:
     """Python face of the ledger scripts; one instance per Redis connection pool."""
 
-    def __init__(self, redis: Redis, prefix: str):
+    def __init__(self, redis: Redis, prefix: str, pipeline: RedisPipeline | None = None):
+        """``pipeline``, when given, carries the two scripts of the request path (admit,
+        resolve); everything else goes through ``redis``."""
         self.redis = redis
         self.prefix = prefix
-        self._admit = redis.register_script((_HERE / "admit.lua").read_text())
-        self._resolve = redis.register_script((_HERE / "resolve.lua").read_text())
+        hot = (lambda source: PipelinedScript(pipeline, source)) if pipeline else redis.register_script
+        self._admit = hot((_HERE / "admit.lua").read_text())
+        self._resolve = hot((_HERE / "resolve.lua").read_text())
         self._grant = redis.register_script((_HERE / "grant.lua").read_text())
 
     # key layout -----------------------------------------------------------------------
@@ -134,7 +153,7 @@ class Ledger:
             args=[
                 now, tier, hold_id, hold_micro, "strict" if strict else "lenient",
                 unlimited(monthly_tokens), unlimited(monthly_requests), unlimited(rpm),
-                hold_ttl_ms, allowance_micro, cycle_ms, user_id, new_id("reset"), month_start, month_end,
+                hold_ttl_ms, allowance_micro, cycle_ms, user_id, month_start, month_end,
             ],
         )
         reason = res[0].decode()

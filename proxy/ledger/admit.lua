@@ -6,7 +6,7 @@
 --       5 policy ("strict" | "lenient"), 6 monthly tokens, 7 monthly requests, 8 rpm
 --       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms
 --       (0 = calendar months: 14 and 15 are the current month's start and end ms),
---       12 user id, 13 id of the reset ledger event should a renewal happen
+--       12 user id
 -- Returns {"ok", balance, held, tokens, requests} or {reason, ...}: "no_account", "tier" + actual tier,
 -- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
 local a = redis.call('HMGET', KEYS[1], 'tier', 'status', 'balance', 'held', 'open_holds',
@@ -30,7 +30,7 @@ if a[7] == '1' and now >= cycle_end then
     start = cycle_end + math.floor((now - cycle_end) / cycle_ms) * cycle_ms
     new_end = start + cycle_ms
   else
-    start, new_end = tonumber(ARGV[14]), tonumber(ARGV[15])
+    start, new_end = tonumber(ARGV[13]), tonumber(ARGV[14])
   end
   local allowance = tonumber(ARGV[10])
   local delta = allowance - balance
@@ -38,7 +38,7 @@ if a[7] == '1' and now >= cycle_end then
   redis.call('HDEL', KEYS[1], 'warned_credits', 'warned_tokens', 'warned_requests')
   redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
     'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', new_end))
-  redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', ARGV[13], 'user', ARGV[12],
+  redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', 'reset_' .. ARGV[12] .. '_' .. string.format('%.0f', start), 'user', ARGV[12],
     'amount', string.format('%.0f', delta), 'balance', ARGV[10], 'ts', ARGV[1], 'tier', ARGV[2])
 end
 

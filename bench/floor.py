@@ -1,0 +1,106 @@
+"""The floor: a bare aiohttp pass-through proxy (no auth, no metering), on uvloop.
+
+    python -m bench.floor --listen 8101=http://127.0.0.1:8001 [--listen PORT=UPSTREAM ...]
+
+Each listener forwards method, path, query, headers (minus hop-by-hop ones) and body to
+its upstream over one shared ``ClientSession`` (pooled keep-alive connections, as the
+proxy's), returns non-streamed answers whole with ``web.Response`` and relays event
+streams chunk by chunk with ``web.StreamResponse``. Whatever the proxy costs beyond
+this is what authentication, admission, metering and charging cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import uvloop
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+from multidict import CIMultiDict
+
+# The same set the proxy drops (proxy.providers.base.HOP_BY_HOP), kept separate on purpose:
+# the floor must not depend on proxy code.
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
+        "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
+    )
+)
+SESSION = web.AppKey("session", ClientSession)
+UPSTREAM = web.AppKey("upstream", str)
+TIMEOUT = ClientTimeout(total=None, sock_connect=10, sock_read=300)
+
+
+def _headers(headers) -> CIMultiDict[str]:
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    body = await request.read()
+    async with request.app[SESSION].request(
+        request.method, request.app[UPSTREAM] + request.path_qs,
+        headers=_headers(request.headers), data=body or None, timeout=TIMEOUT,
+    ) as upstream:
+        if upstream.content_type != "text/event-stream":
+            return web.Response(status=upstream.status, body=await upstream.read(), headers=_headers(upstream.headers))
+        response = web.StreamResponse(status=upstream.status, headers=_headers(upstream.headers))
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+def floor_app(upstream: str, session_holder: dict) -> web.Application:
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[UPSTREAM] = upstream.rstrip("/")
+
+    async def session_ctx(app: web.Application):
+        # one pool per process, shared by every listener (like the proxy's one Forwarder session)
+        if "session" not in session_holder:
+            session_holder["session"] = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=True)
+        app[SESSION] = session_holder["session"]
+        yield
+        if not session_holder["session"].closed:
+            await session_holder["session"].close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_route("*", "/{tail:.*}", forward)
+    return app
+
+
+async def serve(listeners: list[tuple[int, str]], host: str) -> None:
+    holder: dict = {}
+    runners = []
+    for port, upstream in listeners:
+        runner = web.AppRunner(floor_app(upstream, holder), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+        runners.append(runner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--listen", action="append", required=True, metavar="PORT=UPSTREAM_URL")
+    args = parser.parse_args()
+    listeners = []
+    for item in args.listen:
+        port, _, upstream = item.partition("=")
+        listeners.append((int(port), upstream))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(listeners, args.host))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Run mock upstreams from ``tests/mock_upstreams.py`` in their own process, on uvloop.
+
+    python -m bench.mock_server --listen 8001=tests.mock_upstreams:openai_app [--listen ...]
+
+The mocks record every request in ``app[RECEIVED]`` for the tests; here that list is
+replaced by a short ring buffer so a long benchmark does not grow the mock's memory (and
+its garbage collector's work) without bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import importlib
+import signal
+
+import uvloop
+from aiohttp import web
+
+
+def load_app(spec: str) -> web.Application:
+    module, _, factory = spec.partition(":")
+    app = getattr(importlib.import_module(module), factory)()
+    from tests.mock_upstreams import RECEIVED
+
+    if RECEIVED in app:
+        app[RECEIVED] = collections.deque(maxlen=64)  # type: ignore[assignment]
+    return app
+
+
+async def serve(listeners: list[tuple[int, web.Application]], host: str) -> None:
+    runners = []
+    for port, app in listeners:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+        runners.append(runner)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    for runner in runners:
+        await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--listen", action="append", required=True, metavar="PORT=MODULE:FACTORY")
+    args = parser.parse_args()
+    listeners = []
+    for item in args.listen:
+        port, _, spec = item.partition("=")
+        listeners.append((int(port), load_app(spec)))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(listeners, args.host))
+
+
+if __name__ == "__main__":
+    main()
