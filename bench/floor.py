@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from multidict import CIMultiDict
+
+from .mock_server import serve as serve_apps
 
 # The same set the proxy drops (proxy.providers.base.HOP_BY_HOP), kept separate on purpose:
 # the floor must not depend on proxy code.
@@ -73,20 +74,7 @@ def floor_app(upstream: str, session_holder: dict) -> web.Application:
 
 async def serve(listeners: list[tuple[int, str]], host: str) -> None:
     holder: dict = {}
-    runners = []
-    for port, upstream in listeners:
-        runner = web.AppRunner(floor_app(upstream, holder), access_log=None, handle_signals=False)
-        await runner.setup()
-        await web.TCPSite(runner, host, port, backlog=1024).start()
-        runners.append(runner)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    for runner in runners:
-        await runner.cleanup()
+    await serve_apps([(port, floor_app(upstream, holder)) for port, upstream in listeners], host)
 
 
 def main() -> None:

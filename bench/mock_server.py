@@ -30,6 +30,7 @@ def load_app(spec: str) -> web.Application:
 
 
 async def serve(listeners: list[tuple[int, web.Application]], host: str) -> None:
+    """Serve each app on its port until SIGINT or SIGTERM (used by the floor too)."""
     runners = []
     for port, app in listeners:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)

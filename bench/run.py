@@ -894,7 +894,7 @@ def profile(procs: Processes, loadgen: LoadGen, scenarios: list[Scenario], comma
                     stdout=spy_log, stderr=spy_log,
                 )
                 time.sleep(0.5)
-                t0, ticks0 = time.monotonic(), proc_ticks(pid)
+                ticks0 = proc_ticks(pid)
                 r = loadgen.run(command(s, target, conc, seconds - 0.5, 0.0))
                 cpu_s = (proc_ticks(pid) - ticks0) / CLK_TCK
                 p.wait(timeout=seconds + 60)

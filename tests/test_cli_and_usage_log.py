@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -78,3 +79,21 @@ async def test_postgres_outage_delays_usage_rows_and_loses_none(redis, ledger, p
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 3
     # the ledger adds up to the balance
     assert await pool.fetchval("SELECT sum(amount_micro) FROM ledger WHERE user_id = $1", customer.user_id) == 3_800_000 - 3 * 345
+
+
+async def test_worker_loop_drains_in_batches_until_stopped(make_customer, openai_client, usage_log, pool):
+    customer = await make_customer("starter")
+    stop = asyncio.Event()
+    running = asyncio.create_task(usage_log.run(stop, gather_seconds=0.05))
+    client = openai_client(customer.api_key)
+    for _ in range(3):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
+    for _ in range(100):
+        written = await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id)
+        if written == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert written == 3
+    assert await usage_log.lag() == 0
+    stop.set()
+    await asyncio.wait_for(running, 5)  # the loop notices the stop within one read
