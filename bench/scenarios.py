@@ -45,14 +45,8 @@ class BenchProvider:
 
 
 OPENAI = BenchProvider(name="openai", mock="tests.mock_upstreams:openai_app", env="OPENAI")
-# Later, e.g. (mocks in tests/mock_anthropic.py and tests/mock_google.py; the proxy routes
-# Gemini as provider "google"; the tier's providers get the new name added automatically):
-# ANTHROPIC = BenchProvider("anthropic", "tests.mock_anthropic:anthropic_app", "ANTHROPIC", x_api_key, x_api_key)
-# GEMINI = BenchProvider("google", "tests.mock_google:google_app", "GOOGLE", x_goog_api_key, x_goog_api_key)
-# with scenarios such as
-# Scenario("anthropic-messages-stream", ANTHROPIC, "/v1/messages", {...,"stream": True}, stream=True)
-# Scenario("gemini-stream", GEMINI, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", {...}, stream=True)
-# (done_marker: the end of a complete stream, e.g. the last event's bytes; "" skips the check).
+ANTHROPIC = BenchProvider("anthropic", "tests.mock_anthropic:anthropic_app", "ANTHROPIC", x_api_key, x_api_key)
+GEMINI = BenchProvider("google", "tests.mock_google:google_app", "GOOGLE", x_goog_api_key, x_goog_api_key)
 
 OPERATOR_KEY = "sk-bench"
 
@@ -91,5 +85,11 @@ SCENARIOS: dict[str, Scenario] = {
         # no stream_options: the proxy injects include_usage and strips the usage chunk again
         Scenario("openai-chat-stream", OPENAI, "/v1/chat/completions", {**_CHAT, "stream": True}, stream=True,
                  done_marker="data: [DONE]"),
+        Scenario("anthropic-messages-stream", ANTHROPIC, "/v1/messages",
+                 {"model": "claude-haiku-4-5", "max_tokens": 16, "stream": True, "messages": [{"role": "user", "content": "Say hello."}]},
+                 stream=True, headers={"anthropic-version": "2023-06-01"}),
+        Scenario("gemini-stream", GEMINI, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                 {"contents": [{"role": "user", "parts": [{"text": "Say hello."}]}], "generationConfig": {"maxOutputTokens": 16}},
+                 stream=True),
     )
 }
