@@ -276,6 +276,10 @@ async def test_checkout_portal_upgrade_and_downgrade_call_stripe_right(proxy_url
             assert resp.status == 409 and (await resp.json())["error"]["code"] == "no_subscription"
 
         await deliver(*c.subscribe())
+        # Stripe does not know the subscription (yet): a clear 4xx, not a crash
+        async with http.post(f"{proxy_url}/api/credits/upgrade", json={"tier": "professional"}, headers=auth) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"] == {"code": "stripe_error", "message": "No such subscription"}
         stripe_state.subscriptions[c.sub] = c.subscription(STARTER, T0, T0 + MONTH)
         stripe_state.preview_amount = 4000
 

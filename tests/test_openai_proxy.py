@@ -241,3 +241,20 @@ async def test_model_listing_is_free_and_forwarded(make_customer, openai_client,
     assert [m.id for m in models.data] == ["gpt-4o-mini"]
     assert upstream.app[RECEIVED][-1].headers["Authorization"] == "Bearer sk-operator-openai"
     assert (await account(ledger, customer.user_id))["balance"] == 3_800_000
+
+
+async def test_hop_by_hop_and_account_headers_stay_behind(make_customer, upstream, proxy_url):
+    customer = await make_customer("starter")
+    headers = {
+        "Authorization": f"Bearer {customer.api_key}", "Proxy-Authorization": "Basic c2VjcmV0", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "OpenAI-Organization": "org-caller", "X-Request-Tag": "kept",
+    }
+    body = {"model": "gpt-4o-mini", "messages": [], "max_tokens": 5}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{proxy_url}/openai/v1/chat/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200
+            assert "sk-operator-openai" not in str(resp.headers)
+    sent = {k.lower(): v for k, v in upstream.app[RECEIVED][-1].headers.items()}
+    assert sent["x-request-tag"] == "kept" and sent["authorization"] == "Bearer sk-operator-openai"
+    for dropped in ("proxy-authorization", "keep-alive", "te", "openai-organization"):
+        assert dropped not in sent

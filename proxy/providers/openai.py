@@ -110,6 +110,9 @@ class OpenAIProvider(Provider):
     """OpenAI and OpenAI-compatible APIs."""
 
     wire = "openai"
+    # The caller's organization/project headers name *their* OpenAI account, which the
+    # operator's key does not belong to: forwarding them would fail every request.
+    credential_headers = ("authorization", "openai-organization", "openai-project")
     #: add ``stream_options.include_usage`` to streamed chat requests (``stream_usage: ask``)
     ask_stream_usage = True
 
