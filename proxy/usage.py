@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -39,7 +40,10 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING
 
 
 def _rows(fields: dict[str, str]) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
-    """The ledger row, and the usage row for a charge, of one stream entry."""
+    """The ledger row, and the usage row for a charge, of one stream entry (its details,
+    if any, arrive as one JSON field ``e``)."""
+    if "e" in fields:
+        fields = {**orjson.loads(fields.pop("e")), **fields}
     at = datetime.fromtimestamp(int(fields["ts"]) / 1000, tz=timezone.utc)
     amount = int(fields["amount"])
     ledger = (
@@ -48,11 +52,11 @@ def _rows(fields: dict[str, str]) -> tuple[tuple[Any, ...], tuple[Any, ...] | No
     )
     if fields["kind"] != "charge":
         return ledger, None
-    n = lambda name: int(fields.get(name, 0))  # noqa: E731
+    n = lambda name: int(fields.get(name) or 0)  # noqa: E731
     usage = (
         fields["id"], fields["user"], fields["key"], fields["provider"], fields["model"], fields["tier"],
         n("in"), n("cached"), n("cache_write"), n("out"), n("reasoning"), -amount,
-        fields.get("estimated") == "1", fields.get("stream") == "1", n("status"), n("ms"), at,
+        n("estimated") == 1, n("stream") == 1, n("status"), n("ms"), at,
     )
     return ledger, usage
 

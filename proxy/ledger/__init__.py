@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -181,13 +182,10 @@ class Ledger:
     async def _resolve_hold(
         self, mode: str, user_id: str, hold_id: str, cost: int, tokens: int, event_id: str, event: dict[str, Any], warn_at: WarnAt
     ) -> Resolution:
-        fields: list[Any] = []
-        for name, value in event.items():
-            fields += [name, value]
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
         args = [
             mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, warn_at.allowance_micro,
-            unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, *fields,
+            unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, orjson.dumps(event),
         ]
         # The provider has billed the request: a Redis blip must not lose the charge. The
         # script resolves a hold once, so retrying is safe; a "dup" after a retry means an

@@ -7,7 +7,7 @@
 -- ARGV: 1 "post" | "void", 2 cost (µ$), 3 tokens, 4 ledger event id, 5 now_ms, 6 user id,
 --       7 hold id, 8 marker ttl ms, 9 allowance (µ$), 10 monthly tokens, 11 monthly
 --       requests (-1 = unlimited), 12 warning threshold in per mille,
---       13.. further event fields as name, value pairs
+--       13 the event's details as one JSON object (stored as field "e" of the entry)
 -- A post that first takes credits, tokens or requests of this cycle over the threshold
 -- also appends one "warning" event per crossing (flags reset with the cycle).
 -- Returns {"ok", balance, held, tokens, requests} or {"dup"} when already resolved this way.
@@ -16,45 +16,44 @@ local h = redis.call('HMGET', KEYS[3], 'state', 'amount')
 local state = h[1]
 if state == 'posted' or (mode == 'void' and state ~= 'pending') then return {'dup'} end
 
+-- One read and one write of the account: fewer commands than an HINCRBY per counter.
+local a = redis.call('HMGET', KEYS[1], 'balance', 'held', 'open_holds', 'tokens', 'requests', 'cost', 'cycle_start')
+local balance, held, open_holds = tonumber(a[1]), tonumber(a[2]), tonumber(a[3])
+local tokens, requests, cost = tonumber(a[4]), tonumber(a[5]), tonumber(a[6])
 if state == 'pending' then
-  redis.call('HINCRBY', KEYS[1], 'held', -tonumber(h[2]))
-  redis.call('HINCRBY', KEYS[1], 'open_holds', -1)
+  held, open_holds = held - tonumber(h[2]), open_holds - 1
   redis.call('ZREM', KEYS[2], ARGV[7])
 end
-
 local amount = 0
 if mode == 'post' then
   amount = -tonumber(ARGV[2])
-  redis.call('HINCRBY', KEYS[1], 'balance', amount)
-  redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[3])
-  redis.call('HINCRBY', KEYS[1], 'requests', 1)
-  redis.call('HINCRBY', KEYS[1], 'cost', ARGV[2])
+  balance, tokens, requests, cost = balance + amount, tokens + tonumber(ARGV[3]), requests + 1, cost + tonumber(ARGV[2])
 end
+local function int(n) return string.format('%.0f', n) end
+redis.call('HSET', KEYS[1], 'balance', int(balance), 'held', int(held), 'open_holds', int(open_holds),
+  'tokens', int(tokens), 'requests', int(requests), 'cost', int(cost))
 redis.call('HSET', KEYS[3], 'state', mode == 'post' and 'posted' or 'voided')
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 
-local a = redis.call('HMGET', KEYS[1], 'balance', 'held', 'tokens', 'requests', 'cycle_start')
-local event = {'kind', mode == 'post' and 'charge' or 'void', 'id', ARGV[4], 'user', ARGV[6],
-  'amount', string.format('%.0f', amount), 'balance', a[1], 'ts', ARGV[5], 'hold', ARGV[7]}
-for i = 13, #ARGV do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[4], '*', unpack(event))
+redis.call('XADD', KEYS[4], '*', 'kind', mode == 'post' and 'charge' or 'void', 'id', ARGV[4], 'user', ARGV[6],
+  'amount', int(amount), 'balance', int(balance), 'ts', ARGV[5], 'hold', ARGV[7], 'e', ARGV[13])
 
 if mode == 'post' then
   local threshold = tonumber(ARGV[12])
   local allowance = tonumber(ARGV[9])
   local checks = {
-    {'credits', allowance - tonumber(a[1]), allowance},
-    {'tokens', tonumber(a[3]), tonumber(ARGV[10])},
-    {'requests', tonumber(a[4]), tonumber(ARGV[11])},
+    {'credits', allowance - balance, allowance},
+    {'tokens', tokens, tonumber(ARGV[10])},
+    {'requests', requests, tonumber(ARGV[11])},
   }
   for _, c in ipairs(checks) do
     local metric, used, limit = c[1], c[2], c[3]
     if limit > 0 and used * 1000 >= limit * threshold
         and redis.call('HSETNX', KEYS[1], 'warned_' .. metric, 1) == 1 then
       redis.call('XADD', KEYS[4], '*', 'kind', 'warning', 'id',
-        'warn_' .. ARGV[6] .. '_' .. metric .. '_' .. a[5], 'user', ARGV[6], 'metric', metric,
-        'used', string.format('%.0f', used), 'limit', string.format('%.0f', limit), 'ts', ARGV[5])
+        'warn_' .. ARGV[6] .. '_' .. metric .. '_' .. a[7], 'user', ARGV[6], 'metric', metric,
+        'used', int(used), 'limit', int(limit), 'ts', ARGV[5])
     end
   end
 end
-return {'ok', a[1], a[2], a[3], a[4]}
+return {'ok', int(balance), int(held), int(tokens), int(requests)}
