@@ -3,10 +3,8 @@ and rows written straight into Postgres for figures computed by hand."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -14,43 +12,17 @@ from typing import Any
 import asyncpg
 
 from proxy.rollup import write_usage
-from proxy.db import migrate
 from proxy.settings import Settings
 
-from .conftest import _with_database
+from .conftest import migrated_database
 
 TOKEN = "adm-" + uuid.uuid4().hex
 
 
-@contextmanager
-def fresh_database(run_url: str, seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> Iterator[str]:
+def fresh_database(run_url: str, seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None):  # noqa: ANN201
     """A migrated database of its own next to the run's (figures are global, so tests that
     check them exactly must not see other tests' rows); ``seed`` fills it; dropped after."""
-    name = f"costproxy_admin_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(run_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    async def prepare(url: str) -> None:
-        await migrate(url)
-        if seed is not None:
-            conn = await asyncpg.connect(url)
-            try:
-                await seed(conn)
-            finally:
-                await conn.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    url = _with_database(run_url, name)
-    try:
-        asyncio.run(prepare(url))
-        yield url
-    finally:
-        asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    return migrated_database(run_url, f"costproxy_admin_{uuid.uuid4().hex[:10]}", seed)
 
 
 async def admin_proxy(aiohttp_server: Any, settings: Settings, token: str = TOKEN) -> str:

@@ -13,7 +13,8 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,24 +49,42 @@ def _server_urls() -> tuple[str, str]:
     return redis_url, database_url
 
 
-@pytest.fixture(scope="session")
-def servers() -> Iterator[tuple[str, str]]:
-    """(redis_url, database_url of this run's own database)."""
-    redis_url, admin_url = _server_urls()
-    db_name = f"costproxy_test_{RUN_ID}"
+@contextmanager
+def migrated_database(server_url: str, name: str, seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> Iterator[str]:
+    """A new database ``name`` on the server of ``server_url``, migrated and optionally
+    seeded; its URL while in use, dropped after."""
 
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(admin_url)
+    async def on_server(sql: str) -> None:
+        conn = await asyncpg.connect(server_url)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{db_name}"'))
-    database_url = _with_database(admin_url, db_name)
-    asyncio.run(migrate(database_url))
-    yield redis_url, database_url
-    asyncio.run(admin(f'DROP DATABASE "{db_name}" WITH (FORCE)'))
+    async def prepare(url: str) -> None:
+        await migrate(url)
+        if seed is not None:
+            conn = await asyncpg.connect(url)
+            try:
+                await seed(conn)
+            finally:
+                await conn.close()
+
+    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
+    url = _with_database(server_url, name)
+    try:
+        asyncio.run(prepare(url))
+        yield url
+    finally:
+        asyncio.run(on_server(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[str, str]]:
+    """(redis_url, database_url of this run's own database)."""
+    redis_url, server_url = _server_urls()
+    with migrated_database(server_url, f"costproxy_test_{RUN_ID}") as database_url:
+        yield redis_url, database_url
     asyncio.run(_delete_prefix(redis_url, f"t{RUN_ID}"))
 
 
