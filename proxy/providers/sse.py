@@ -39,10 +39,3 @@ def event_data(event: bytes) -> bytes:
     ]
     return b"\n".join(line for line in lines if line is not None)
 
-
-def event_name(event: bytes) -> bytes:
-    """The ``event:`` field of one event, or empty."""
-    for line in event.splitlines():
-        if line.startswith(b"event:"):
-            return line[6:].strip()
-    return b""
