@@ -69,7 +69,7 @@ local expires = now + tonumber(ARGV[9])
 redis.call('HSET', KEYS[3], 'account', KEYS[1], 'amount', ARGV[4], 'state', 'pending',
   'expires', string.format('%.0f', expires))
 redis.call('ZADD', KEYS[2], expires, ARGV[3])
-redis.call('HSET', KEYS[1], 'rpm_win', win, 'rpm_cur', cur + 1, 'rpm_prev', prev)
-redis.call('HINCRBY', KEYS[1], 'open_holds', 1)
-held = redis.call('HINCRBY', KEYS[1], 'held', ARGV[4])
-return {'ok', string.format('%.0f', balance), held, string.format('%.0f', tokens), string.format('%.0f', requests)}
+held = held + amount
+redis.call('HSET', KEYS[1], 'rpm_win', win, 'rpm_cur', cur + 1, 'rpm_prev', prev,
+  'open_holds', open_holds + 1, 'held', string.format('%.0f', held))
+return {'ok', string.format('%.0f', balance), string.format('%.0f', held), string.format('%.0f', tokens), string.format('%.0f', requests)}
