@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from .providers.base import Provider, ProxyError
 from .providers.registry import build_providers
 from .settings import Settings
 from .state import CONFIG, FORWARDER, GATE, LEDGER, POOL, PROVIDERS, REDIS, SETTINGS, caller
+
 
 def _providers(app: web.Application) -> dict[str, Provider]:
     """Provider instances for the live config (rebuilt when a reload changed it)."""
@@ -135,8 +137,6 @@ def create_app(settings: Settings, redis_url: str, database_url: str = "") -> we
     app[PROVIDERS] = {}
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        import asyncio
-
         # Waits for a free connection under bursts instead of failing the request.
         redis = Redis(connection_pool=BlockingConnectionPool.from_url(redis_url, max_connections=256, timeout=10))
         app[POOL] = await asyncpg.create_pool(database_url, min_size=0, max_size=4) if database_url else None  # type: ignore[assignment]
