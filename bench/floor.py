@@ -11,14 +11,10 @@ this is what authentication, admission, metering and charging cost.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-
-import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from multidict import CIMultiDict
 
-from .mock_server import serve as serve_apps
+from .mock_server import serve_from_command_line
 
 # The same set the proxy drops (proxy.providers.base.HOP_BY_HOP), kept separate on purpose:
 # the floor must not depend on proxy code.
@@ -72,22 +68,9 @@ def floor_app(upstream: str, session_holder: dict) -> web.Application:
     return app
 
 
-async def serve(listeners: list[tuple[int, str]], host: str) -> None:
-    holder: dict = {}
-    await serve_apps([(port, floor_app(upstream, holder)) for port, upstream in listeners], host)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--listen", action="append", required=True, metavar="PORT=UPSTREAM_URL")
-    args = parser.parse_args()
-    listeners = []
-    for item in args.listen:
-        port, _, upstream = item.partition("=")
-        listeners.append((int(port), upstream))
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(listeners, args.host))
+    session_holder: dict = {}
+    serve_from_command_line(__doc__ or "", "UPSTREAM_URL", lambda upstream: floor_app(upstream, session_holder))
 
 
 if __name__ == "__main__":

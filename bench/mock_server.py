@@ -14,6 +14,7 @@ import asyncio
 import collections
 import importlib
 import signal
+from collections.abc import Callable
 
 import uvloop
 from aiohttp import web
@@ -47,17 +48,22 @@ async def serve(listeners: list[tuple[int, web.Application]], host: str) -> None
         await runner.cleanup()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def serve_from_command_line(description: str, metavar: str, make_app: Callable[[str], web.Application]) -> None:
+    """``--listen PORT=SPEC`` (repeatable): serve ``make_app(SPEC)`` on each PORT (the floor uses it too)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--listen", action="append", required=True, metavar="PORT=MODULE:FACTORY")
+    parser.add_argument("--listen", action="append", required=True, metavar=f"PORT={metavar}")
     args = parser.parse_args()
     listeners = []
     for item in args.listen:
         port, _, spec = item.partition("=")
-        listeners.append((int(port), load_app(spec)))
+        listeners.append((int(port), make_app(spec)))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(listeners, args.host))
+
+
+def main() -> None:
+    serve_from_command_line(__doc__ or "", "MODULE:FACTORY", load_app)
 
 
 if __name__ == "__main__":
