@@ -159,6 +159,7 @@ class Forwarder:
         result = await self.ledger.post(
             user_id=ticket.identity.user_id,
             hold_id=ticket.hold_id,
+            hold_micro=ticket.hold_micro,
             cost_micro=cost,
             tokens=usage.total_tokens,
             event={
@@ -181,7 +182,7 @@ class Forwarder:
         return cost, result
 
     async def _void(self, ticket: Ticket, provider: Provider, reason: str) -> None:
-        await self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, reason=reason)
+        await self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, hold_micro=ticket.hold_micro, reason=reason)
         metrics.HOLDS_VOIDED.labels(reason=reason).inc()
 
     @staticmethod

@@ -31,12 +31,8 @@ async def void_expired_holds(ledger: Ledger) -> int:
     """Void every hold whose request never settled (its proxy crashed); return how many."""
     voided = 0
     for holds_key in ledger.holds_keys():
-        for hold_id in await ledger.expired_holds(holds_key, now_ms()):
-            owner = await ledger.hold_owner(holds_key, hold_id)
-            if owner is None:  # resolved between the two reads
-                await ledger.redis.zrem(holds_key, hold_id)
-                continue
-            result = await ledger.void(user_id=owner, hold_id=hold_id, reason="expired")
+        for hold in await ledger.expired_holds(holds_key, now_ms()):
+            result = await ledger.void(user_id=hold.user_id, hold_id=hold.hold_id, hold_micro=hold.amount_micro, reason="expired")
             if not result.duplicate:
                 voided += 1
                 metrics.HOLDS_VOIDED.labels(reason="expired").inc()

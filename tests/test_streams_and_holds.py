@@ -119,10 +119,10 @@ async def test_hold_of_a_crashed_request_expires_and_is_voided_once(make_custome
     assert await void_expired_holds(ledger) == 0
 
     # the "crashed" request turns out to have finished: it is charged once, nothing released twice
-    late = await ledger.post(user_id=customer.user_id, hold_id=hold_id, cost_micro=700, tokens=10,
+    late = await ledger.post(user_id=customer.user_id, hold_id=hold_id, hold_micro=5_000, cost_micro=700, tokens=10,
                              event={"key": customer.key_id, "provider": "openai", "model": "gpt-4o-mini", "tier": "starter"})
     assert (late.duplicate, late.balance, late.held) == (False, 3_800_000 - 700, 0)
-    again = await ledger.post(user_id=customer.user_id, hold_id=hold_id, cost_micro=700, tokens=10, event={})
+    again = await ledger.post(user_id=customer.user_id, hold_id=hold_id, hold_micro=5_000, cost_micro=700, tokens=10, event={})
     assert again.duplicate
 
     while await usage_log.drain_once():
@@ -156,8 +156,27 @@ async def test_a_redis_blip_at_settlement_is_retried_and_charges_once(make_custo
         return result
 
     ledger._resolve = reply_lost_once
-    settled = await ledger.post(user_id=customer.user_id, hold_id=hold_id, cost_micro=700, tokens=10, event={})
+    settled = await ledger.post(user_id=customer.user_id, hold_id=hold_id, hold_micro=5_000, cost_micro=700, tokens=10, event={})
     assert attempts == ["post", "post"]
     assert (settled.duplicate, settled.balance, settled.held, settled.requests) == (False, 3_800_000 - 700, 0, 1)
     account = await ledger.account(customer.user_id)
     assert (int(account["balance"]), int(account["requests"])) == (3_800_000 - 700, 1)
+
+
+async def test_settled_requests_leave_no_key_of_their_own_in_redis(make_customer, openai_client, redis, settings, ledger):
+    """A hold lives as a member of its shard's zset: settling removes it, so Redis does not
+    grow with the number of requests served (only the ledger stream does, until drained)."""
+    customer = await make_customer("starter")
+    client = openai_client(customer.api_key)
+
+    async def keys() -> set[bytes]:
+        return {k async for k in redis.scan_iter(match=f"{settings.redis_prefix}*", count=1000)}
+
+    await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    before = await keys()
+    for _ in range(5):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert await keys() == before
+    account = await ledger.account(customer.user_id)
+    assert (int(account["held"]), int(account["open_holds"]), int(account["requests"])) == (0, 0, 6)
+    assert [await redis.zcard(k) for k in ledger.holds_keys()] == [0] * len(ledger.holds_keys())

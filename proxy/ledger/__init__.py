@@ -28,7 +28,10 @@ from .pipeline import PipelinedScript, RedisPipeline
 SHARDS = 16
 #: pauses between attempts to resolve a hold while Redis is unreachable (None: give up)
 RESOLVE_RETRY_PAUSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, None)
-MARKER_TTL_MS = 400 * 86_400_000  # grant ids and resolved holds are remembered this long
+MARKER_TTL_MS = 400 * 86_400_000  # applied grant ids are remembered this long
+#: a voided hold is remembered this long, so the request of an expired hold that still
+#: finishes is charged once; a request outliving its hold by more is not charged
+VOID_MARKER_TTL_MS = 86_400_000
 _HERE = Path(__file__).parent
 
 
@@ -69,6 +72,26 @@ class Admission:
     requests: int = 0
     actual_tier: str | None = None
     retry_after_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingHold:
+    """A hold not yet resolved, as the expiry sweep reads it from a shard's holds zset."""
+
+    hold_id: str
+    user_id: str
+    amount_micro: int
+
+    @classmethod
+    def parse(cls, member: str) -> PendingHold:
+        hold_id, user_id, amount = member.split("|")
+        return cls(hold_id, user_id, int(amount))
+
+
+def hold_member(hold_id: str, user_id: str, amount_micro: int) -> str:
+    """A pending hold's member of its shard's holds zset (scored by expiry): it carries
+    everything the expiry sweep needs, so a hold costs no key of its own."""
+    return f"{hold_id}|{user_id}|{amount_micro}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +146,6 @@ class Ledger:
     def holds_keys(self) -> list[str]:
         return [f"{self.prefix}{{s{n}}}:holds" for n in range(SHARDS)]
 
-    def _hold_keys(self, user_id: str, hold_id: str) -> list[str]:
-        tag = self._tag(user_id)
-        return [f"{tag}:acct:{user_id}", f"{tag}:holds", f"{tag}:hold:{hold_id}", f"{tag}:ledger"]
 
     # requests -------------------------------------------------------------------------
     async def admit(
@@ -149,10 +169,11 @@ class Ledger:
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
         now = now_ms()
         cycle_ms, month_start, month_end = renewal(now)
+        tag = self._tag(user_id)
         res = await self._admit(
-            keys=self._hold_keys(user_id, hold_id),
+            keys=[f"{tag}:acct:{user_id}", f"{tag}:holds", f"{tag}:ledger"],
             args=[
-                now, tier, hold_id, hold_micro, "strict" if strict else "lenient",
+                now, tier, hold_member(hold_id, user_id, hold_micro), hold_micro, "strict" if strict else "lenient",
                 unlimited(monthly_tokens), unlimited(monthly_requests), unlimited(rpm),
                 hold_ttl_ms, allowance_micro, cycle_ms, user_id, month_start, month_end,
             ],
@@ -169,30 +190,38 @@ class Ledger:
         return Admission(reason)
 
     async def post(
-        self, *, user_id: str, hold_id: str, cost_micro: int, tokens: int, event: dict[str, Any], warn_at: WarnAt = NO_WARNINGS
+        self, *, user_id: str, hold_id: str, hold_micro: int, cost_micro: int, tokens: int, event: dict[str, Any],
+        warn_at: WarnAt = NO_WARNINGS,
     ) -> Resolution:
-        """Charge the actual cost against the hold and log the usage event, atomically;
-        log a warning event the first time this cycle's usage crosses ``warn_at``."""
-        return await self._resolve_hold("post", user_id, hold_id, cost_micro, tokens, f"chg_{hold_id}", event, warn_at)
+        """Charge the actual cost against the hold (of ``hold_micro``, as admitted) and log
+        the usage event, atomically; log a warning event the first time this cycle's usage
+        crosses ``warn_at``."""
+        return await self._resolve_hold("post", user_id, hold_id, hold_micro, cost_micro, tokens, f"chg_{hold_id}", event, warn_at)
 
-    async def void(self, *, user_id: str, hold_id: str, reason: str) -> Resolution:
+    async def void(self, *, user_id: str, hold_id: str, hold_micro: int, reason: str) -> Resolution:
         """Release a hold without charging (upstream error, timeout, expiry)."""
-        return await self._resolve_hold("void", user_id, hold_id, 0, 0, f"void_{hold_id}", {"reason": reason}, NO_WARNINGS)
+        return await self._resolve_hold(
+            "void", user_id, hold_id, hold_micro, 0, 0, f"void_{hold_id}", {"reason": reason}, NO_WARNINGS
+        )
 
     async def _resolve_hold(
-        self, mode: str, user_id: str, hold_id: str, cost: int, tokens: int, event_id: str, event: dict[str, Any], warn_at: WarnAt
+        self, mode: str, user_id: str, hold_id: str, hold_micro: int, cost: int, tokens: int, event_id: str,
+        event: dict[str, Any], warn_at: WarnAt,
     ) -> Resolution:
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
+        tag = self._tag(user_id)
+        keys = [f"{tag}:acct:{user_id}", f"{tag}:holds", f"{tag}:voided:{hold_id}", f"{tag}:ledger"]
         args = [
-            mode, cost, tokens, event_id, now_ms(), user_id, hold_id, MARKER_TTL_MS, warn_at.allowance_micro,
+            mode, cost, tokens, event_id, now_ms(), user_id, hold_id, VOID_MARKER_TTL_MS, warn_at.allowance_micro,
             unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, orjson.dumps(event),
+            hold_member(hold_id, user_id, hold_micro), hold_micro,
         ]
         # The provider has billed the request: a Redis blip must not lose the charge. The
         # script resolves a hold once, so retrying is safe; a "dup" after a retry means an
         # earlier attempt went through and only its reply was lost.
         for attempt, pause in enumerate(RESOLVE_RETRY_PAUSES):
             try:
-                res = await self._resolve(keys=self._hold_keys(user_id, hold_id), args=args)
+                res = await self._resolve(keys=keys, args=args)
                 break
             except (RedisConnectionError, RedisTimeoutError):
                 if pause is None:
@@ -256,11 +285,7 @@ class Ledger:
         raw = await self.redis.hgetall(self.account_key(user_id))
         return {k.decode(): v.decode() for k, v in raw.items()} or None
 
-    async def expired_holds(self, holds_key: str, now: int, limit: int = 200) -> list[str]:
-        """Ids of holds in one shard whose expiry has passed."""
-        return [m.decode() for m in await self.redis.zrangebyscore(holds_key, "-inf", now, start=0, num=limit)]
-
-    async def hold_owner(self, holds_key: str, hold_id: str) -> str | None:
-        """The user id of a hold, read from its hash."""
-        account = await self.redis.hget(holds_key.removesuffix(":holds") + f":hold:{hold_id}", "account")
-        return account.decode().rsplit(":acct:", 1)[1] if account else None
+    async def expired_holds(self, holds_key: str, now: int, limit: int = 200) -> list[PendingHold]:
+        """Holds in one shard whose expiry has passed."""
+        members = await self.redis.zrangebyscore(holds_key, "-inf", now, start=0, num=limit)
+        return [PendingHold.parse(m.decode()) for m in members]

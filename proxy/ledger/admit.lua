@@ -1,11 +1,12 @@
 -- Admit a request and place a credit hold for its worst-case cost, atomically.
 -- Renews a lapsed cycle of a self-renewing account first (no cron needed for correctness).
 --
--- KEYS: 1 account hash, 2 holds zset (score = expiry ms), 3 hold hash, 4 ledger stream
--- ARGV: 1 now_ms, 2 tier the caller priced the request for, 3 hold id, 4 hold amount (µ$),
+-- KEYS: 1 account hash, 2 holds zset (score = expiry ms), 3 ledger stream
+-- ARGV: 1 now_ms, 2 tier the caller priced the request for, 3 hold ("<id>|<user>|<µ$>", the
+--       holds zset member: all the expiry sweep needs), 4 hold amount (µ$),
 --       5 policy ("strict" | "lenient"), 6 monthly tokens, 7 monthly requests, 8 rpm
 --       (each -1 = unlimited), 9 hold ttl ms, 10 tier allowance (µ$), 11 cycle length ms
---       (0 = calendar months: 14 and 15 are the current month's start and end ms),
+--       (0 = calendar months: 13 and 14 are the current month's start and end ms),
 --       12 user id
 -- Returns {"ok", balance, held, tokens, requests} or {reason, ...}: "no_account", "tier" + actual tier,
 -- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
@@ -38,7 +39,7 @@ if a[7] == '1' and now >= cycle_end then
   redis.call('HDEL', KEYS[1], 'warned_credits', 'warned_tokens', 'warned_requests')
   redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
     'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', new_end))
-  redis.call('XADD', KEYS[4], '*', 'kind', 'reset', 'id', 'reset_' .. ARGV[12] .. '_' .. string.format('%.0f', start), 'user', ARGV[12],
+  redis.call('XADD', KEYS[3], '*', 'kind', 'reset', 'id', 'reset_' .. ARGV[12] .. '_' .. string.format('%.0f', start), 'user', ARGV[12],
     'amount', string.format('%.0f', delta), 'balance', ARGV[10], 'ts', ARGV[1], 'tier', ARGV[2])
 end
 
@@ -65,10 +66,7 @@ if (ARGV[5] == 'strict' and available < amount) or (ARGV[5] ~= 'strict' and avai
   return {'credits', string.format('%.0f', balance), string.format('%.0f', held)}
 end
 
-local expires = now + tonumber(ARGV[9])
-redis.call('HSET', KEYS[3], 'account', KEYS[1], 'amount', ARGV[4], 'state', 'pending',
-  'expires', string.format('%.0f', expires))
-redis.call('ZADD', KEYS[2], expires, ARGV[3])
+redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[9])), ARGV[3])
 held = held + amount
 redis.call('HSET', KEYS[1], 'rpm_win', win, 'rpm_cur', cur + 1, 'rpm_prev', prev,
   'open_holds', open_holds + 1, 'held', string.format('%.0f', held))
