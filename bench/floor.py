@@ -1,12 +1,16 @@
 """The floor: a bare aiohttp pass-through proxy (no auth, no metering), on uvloop.
 
     python -m bench.floor --listen 8101=http://127.0.0.1:8001 [--listen PORT=UPSTREAM ...]
+    python -m bench.floor --listen 8102=ledger+http://127.0.0.1:8001   # the contract floor
+
 
 Each listener forwards method, path, query, headers (minus hop-by-hop ones) and body to
 its upstream over one shared ``ClientSession`` (pooled keep-alive connections, as the
 proxy's), returns non-streamed answers whole with ``web.Response`` and relays event
 streams chunk by chunk with ``web.StreamResponse``. Whatever the proxy costs beyond
-this is what authentication, admission, metering and charging cost.
+this is what authentication, admission, metering and charging cost. An upstream given as
+``ledger+URL`` gets the contract floor (:mod:`bench.ledger_floor`): the same plus the
+two ledger scripts per request.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ async def forward(request: web.Request) -> web.StreamResponse:
 
 
 def floor_app(upstream: str, session_holder: dict) -> web.Application:
+    metered = upstream.startswith("ledger+")
     app = web.Application(client_max_size=16 * 1024 * 1024)
-    app[UPSTREAM] = upstream.rstrip("/")
+    app[UPSTREAM] = upstream.removeprefix("ledger+").rstrip("/")
 
     async def session_ctx(app: web.Application):
         # one pool per process, shared by every listener (like the proxy's one Forwarder session)
@@ -64,7 +69,13 @@ def floor_app(upstream: str, session_holder: dict) -> web.Application:
             await session_holder["session"].close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_route("*", "/{tail:.*}", forward)
+    if metered:
+        from .ledger_floor import add_ledger, metered  # only this target imports proxy code
+
+        add_ledger(app)
+        app.router.add_route("*", "/{tail:.*}", metered(forward))
+    else:
+        app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
 
