@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
 from .ledger import Ledger
@@ -166,7 +166,7 @@ class UsageLog:
                 pending, backoff = False, 0.5
                 if handled < self.batch:
                     await asyncio.sleep(gather_seconds)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (OSError, RedisError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 metrics.USAGE_LOG_ERRORS.inc()
                 log.warning("usage log write failed, events stay in Redis and will be retried: %s", exc)
                 pending = True

@@ -8,6 +8,7 @@ import logging
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from . import metrics
 from .accounts import Accounts, sync_key_mirror
@@ -32,7 +33,11 @@ async def void_expired_holds(ledger: Ledger) -> int:
     voided = 0
     for holds_key in ledger.holds_keys():
         for hold in await ledger.expired_holds(holds_key, now_ms()):
-            result = await ledger.void(user_id=hold.user_id, hold_id=hold.hold_id, hold_micro=hold.amount_micro, reason="expired")
+            try:
+                result = await ledger.void(user_id=hold.user_id, hold_id=hold.hold_id, hold_micro=hold.amount_micro, reason="expired")
+            except KeyError:
+                log.warning("dropped expired hold %s: account %s no longer exists", hold.hold_id, hold.user_id)
+                continue
             if not result.duplicate:
                 voided += 1
                 metrics.HOLDS_VOIDED.labels(reason="expired").inc()
@@ -47,8 +52,8 @@ async def _sweep(ledger: Ledger, accounts: Accounts, stop: asyncio.Event) -> Non
             if count:
                 log.info("voided %d expired holds", count)
             await accounts.revoke_due_keys()
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("sweep failed: %s", exc)
+        except (OSError, RedisError, asyncpg.PostgresError) as exc:
+            log.warning("sweep failed, retrying in %.0f s: %s", EXPIRY_SWEEP_SECONDS, exc)
         try:
             await asyncio.wait_for(stop.wait(), EXPIRY_SWEEP_SECONDS)
         except asyncio.TimeoutError:

@@ -97,3 +97,37 @@ async def test_worker_loop_drains_in_batches_until_stopped(make_customer, openai
     assert await usage_log.lag() == 0
     stop.set()
     await asyncio.wait_for(running, 5)  # the loop notices the stop within one read
+
+
+async def test_worker_loops_outlive_a_redis_outage(make_customer, openai_client, usage_log, pool, ledger, accounts, monkeypatch):
+    """A Redis error in the usage log or the expiry sweep is logged and retried, not fatal."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    import proxy.worker as worker
+
+    failures = {"drain": 1, "sweep": 1}
+
+    def failing_once(name, method):
+        async def call(*args, **kwargs):
+            if failures[name]:
+                failures[name] -= 1
+                raise RedisConnectionError("Redis is restarting")
+            return await method(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(usage_log, "drain_once", failing_once("drain", usage_log.drain_once))
+    monkeypatch.setattr(ledger, "expired_holds", failing_once("sweep", ledger.expired_holds))
+    monkeypatch.setattr(worker, "EXPIRY_SWEEP_SECONDS", 0.05)
+    customer = await make_customer("starter")
+    await openai_client(customer.api_key).chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
+
+    stop = asyncio.Event()
+    loops = asyncio.gather(usage_log.run(stop, gather_seconds=0.05), worker._sweep(ledger, accounts, stop))
+    for _ in range(100):
+        if await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 1:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await asyncio.wait_for(loops, 5)  # neither loop died of its error
+    assert failures == {"drain": 0, "sweep": 0}
+    assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 1

@@ -20,10 +20,8 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .pipeline import PipelinedScript, RedisPipeline
+from .pipeline import TRANSIENT_ERRORS, PipelinedScript, RedisPipeline
 
 SHARDS = 16
 #: pauses between attempts to resolve a hold while Redis is unreachable (None: give up)
@@ -195,11 +193,13 @@ class Ledger:
     ) -> Resolution:
         """Charge the actual cost against the hold (of ``hold_micro``, as admitted) and log
         the usage event, atomically; log a warning event the first time this cycle's usage
-        crosses ``warn_at``."""
+        crosses ``warn_at``. Raises ``KeyError`` if the account no longer exists."""
         return await self._resolve_hold("post", user_id, hold_id, hold_micro, cost_micro, tokens, f"chg_{hold_id}", event, warn_at)
 
     async def void(self, *, user_id: str, hold_id: str, hold_micro: int, reason: str) -> Resolution:
-        """Release a hold without charging (upstream error, timeout, expiry)."""
+        """Release a hold without charging (upstream error, timeout, expiry); ``duplicate``
+        if it was already resolved or never placed. Raises ``KeyError`` if the account no
+        longer exists (the hold is dropped)."""
         return await self._resolve_hold(
             "void", user_id, hold_id, hold_micro, 0, 0, f"void_{hold_id}", {"reason": reason}, NO_WARNINGS
         )
@@ -223,16 +223,16 @@ class Ledger:
             try:
                 res = await self._resolve(keys=keys, args=args)
                 break
-            except (RedisConnectionError, RedisTimeoutError):
+            except TRANSIENT_ERRORS:
                 if pause is None:
                     raise
                 await asyncio.sleep(pause)
+        if res[0] == b"no_account":
+            raise KeyError(user_id)
         if res[0] != b"dup":
             return Resolution(False, *(int(v) for v in res[1:5]))
-        if attempt == 0:
-            return Resolution(duplicate=True)
         account = await self.account(user_id) or {}
-        return Resolution(False, *(int(account.get(f, 0)) for f in ("balance", "held", "tokens", "requests")))
+        return Resolution(attempt == 0, *(int(account.get(f, 0)) for f in ("balance", "held", "tokens", "requests")))
 
     # grants ---------------------------------------------------------------------------
     async def _move(self, mode: str, user_id: str, amount: int, event_id: str, kind: str, reason: str, tier: str, *cycle: Any) -> list[Any]:

@@ -20,9 +20,15 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import hiredis
+from redis.exceptions import BusyLoadingError, NoScriptError, ReadOnlyError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Error replies of a Redis that is starting, failing over or resharding: worth a retry.
+_TRANSIENT_REPLIES = {"LOADING": BusyLoadingError, "READONLY": ReadOnlyError, "TRYAGAIN": TryAgainError,
+                      "MASTERDOWN": TryAgainError, "CLUSTERDOWN": TryAgainError}
+#: what a caller may retry: the connection broke or timed out, or Redis said "not now"
+TRANSIENT_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError)
 
 
 class _Protocol(asyncio.Protocol):
@@ -75,13 +81,14 @@ class RedisPipeline:
         loop = asyncio.get_running_loop()
         u = self.url
         try:
-            if u.scheme == "unix":
-                _, protocol = await loop.create_unix_connection(_Protocol, u.path)
-            else:
-                tls = ssl.create_default_context() if u.scheme == "rediss" else None
-                _, protocol = await loop.create_connection(_Protocol, u.hostname or "127.0.0.1", u.port or 6379, ssl=tls)
-        except OSError as exc:
-            raise RedisConnectionError(f"cannot connect to Redis: {exc}") from None
+            async with asyncio.timeout(self.timeout):  # a dropped SYN must not hold every caller
+                if u.scheme == "unix":
+                    _, protocol = await loop.create_unix_connection(_Protocol, u.path)
+                else:
+                    tls = ssl.create_default_context() if u.scheme == "rediss" else None
+                    _, protocol = await loop.create_connection(_Protocol, u.hostname or "127.0.0.1", u.port or 6379, ssl=tls)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RedisConnectionError(f"cannot connect to Redis: {exc!r}") from None
         setup: list[tuple[Any, ...]] = []
         if u.password:
             setup.append(("AUTH", unquote(u.username), unquote(u.password)) if u.username else ("AUTH", unquote(u.password)))
@@ -122,13 +129,17 @@ class RedisPipeline:
 def _expire(waiter: asyncio.Future[Any], protocol: _Protocol, timeout: float) -> None:
     if not waiter.done():
         waiter.set_exception(RedisTimeoutError(f"no reply from Redis within {timeout} s"))
-        protocol.transport.close()  # type: ignore[union-attr]  # later replies would no longer match calls
+        # Later replies would no longer match calls: drop this connection now, unsent bytes
+        # too (close() would wait for a stalled server to read them), and use a new one.
+        protocol.lost = True
+        protocol.transport.abort()  # type: ignore[union-attr]
 
 
 def _raise_error(reply: Any) -> Any:
     if isinstance(reply, hiredis.ReplyError):
         message = str(reply)
-        raise (NoScriptError if message.startswith("NOSCRIPT") else ResponseError)(message)
+        prefix = message.split(" ", 1)[0]
+        raise (NoScriptError if prefix == "NOSCRIPT" else _TRANSIENT_REPLIES.get(prefix, ResponseError))(message)
     return reply
 
 

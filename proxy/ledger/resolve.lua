@@ -16,8 +16,15 @@
 --       14 the hold's zset member, 15 the hold's amount (µ$)
 -- A post that first takes credits, tokens or requests of this cycle over the threshold
 -- also appends one "warning" event per crossing (flags reset with the cycle).
--- Returns {"ok", balance, held, tokens, requests} or {"dup"} when already resolved this way.
+-- Returns {"ok", balance, held, tokens, requests}, {"dup"} when already resolved this way,
+-- or {"no_account"} (the hold is dropped: there is nothing left to release it from).
 local mode = ARGV[1]
+-- One read and one write of the account: fewer commands than an HINCRBY per counter.
+local a = redis.call('HMGET', KEYS[1], 'balance', 'held', 'open_holds', 'tokens', 'requests', 'cost', 'cycle_start')
+if not a[1] then
+  redis.call('ZREM', KEYS[2], ARGV[14])
+  return {'no_account'}
+end
 local pending = redis.call('ZREM', KEYS[2], ARGV[14]) == 1
 if not pending then
   if mode == 'void' or redis.call('GET', KEYS[3]) ~= 'voided' then return {'dup'} end
@@ -26,8 +33,6 @@ elseif mode == 'void' then
   redis.call('SET', KEYS[3], 'voided', 'PX', ARGV[8])
 end
 
--- One read and one write of the account: fewer commands than an HINCRBY per counter.
-local a = redis.call('HMGET', KEYS[1], 'balance', 'held', 'open_holds', 'tokens', 'requests', 'cost', 'cycle_start')
 local balance, held, open_holds = tonumber(a[1]), tonumber(a[2]), tonumber(a[3])
 local tokens, requests, cost = tonumber(a[4]), tonumber(a[5]), tonumber(a[6])
 if pending then
@@ -35,7 +40,7 @@ if pending then
 end
 local amount = 0
 if mode == 'post' then
-  amount = -tonumber(ARGV[2])
+  amount = 0 - tonumber(ARGV[2])  -- not -x: a free request must log 0, not "-0"
   balance, tokens, requests, cost = balance + amount, tokens + tonumber(ARGV[3]), requests + 1, cost + tonumber(ARGV[2])
 end
 local function int(n) return string.format('%.0f', n) end
