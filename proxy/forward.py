@@ -69,6 +69,13 @@ class Forwarder:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
     async def _relay(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
+        try:
+            return await self._forward(request, provider, tail, ticket, started)
+        finally:
+            if not ticket.settled:  # an unexpected error or a shutdown cut the relay short
+                await self._void(ticket, provider, "relay_failed")
+
+    async def _forward(self, request: web.Request, provider: Provider, tail: str, ticket: Ticket, started: float) -> web.StreamResponse:
         url, headers = provider.prepare(request.method, tail, request.query_string, request.headers, ticket.call.body)
         sent = time.perf_counter()
         try:
@@ -127,8 +134,8 @@ class Forwarder:
         gauge = metrics.labelled(metrics.ACTIVE_STREAMS, provider.name)
         gauge.inc()
         try:
-            await response.prepare(request)
             async with asyncio.timeout(None) as client.drain_limit:
+                await client.start()
                 watcher = asyncio.create_task(client.watch())
                 try:
                     async for chunk in upstream.content.iter_any():
@@ -156,6 +163,7 @@ class Forwarder:
         cost = ticket.model.cost_micro(usage, ticket.call.service_tier, ticket.call.batch)
         tier_name = ticket.identity.tier
         tier = ticket.tier
+        ticket.settled = True  # a failed post is not voided: it is retried inside, then the hold expires
         result = await self.ledger.post(
             user_id=ticket.identity.user_id,
             hold_id=ticket.hold_id,
@@ -182,6 +190,7 @@ class Forwarder:
         return cost, result
 
     async def _void(self, ticket: Ticket, provider: Provider, reason: str) -> None:
+        ticket.settled = True
         await self.ledger.void(user_id=ticket.identity.user_id, hold_id=ticket.hold_id, hold_micro=ticket.hold_micro, reason=reason)
         metrics.HOLDS_VOIDED.labels(reason=reason).inc()
 
@@ -202,6 +211,13 @@ class _Client:
         self.drain_seconds = drain_seconds
         self.drain_limit: asyncio.Timeout | None = None
         self.gone = False
+
+    async def start(self) -> None:
+        """Send the status and headers; a client already gone starts the drain."""
+        try:
+            await self.response.prepare(self.request)
+        except _CLIENT_GONE:
+            self.leave()
 
     async def write(self, data: bytes) -> None:
         if data and not self.gone:

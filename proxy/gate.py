@@ -6,8 +6,12 @@ the per-minute rate are checked and a hold is placed in one Redis script call.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from redis.exceptions import RedisError
 
 from . import metrics
 from .config import Config
@@ -16,6 +20,8 @@ from .ledger import Admission, Ledger, new_id
 from .pricing import PricedModel
 from .providers.base import Call, Provider, ProxyError
 from .tiers import MICRO_PER_CREDIT, Tier
+
+log = logging.getLogger("costproxy.gate")
 
 
 @dataclass(slots=True)
@@ -29,6 +35,8 @@ class Ticket:
     hold_id: str
     hold_micro: int
     admission: Admission
+    #: the hold was posted or voided (set by the forwarder)
+    settled: bool = False
 
 
 def credits(micro: int) -> str:
@@ -45,6 +53,7 @@ class Gate:
         self.keys = keys
         self.ledger = ledger
         self.hold_ttl_ms = hold_ttl_seconds * 1000
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def identify(self, provider: Provider, key: str | None) -> Identity:
         """The caller behind a proxy key, or a 401."""
@@ -94,25 +103,52 @@ class Gate:
             max_out = call.max_output_tokens if call.max_output_tokens is not None else model.max_output_tokens
             hold = model.worst_case_micro(call.prompt_upper_bound, max_out, call.service_tier)
             hold_id = new_id("hold")
-            result = await self.ledger.admit(
-                user_id=identity.user_id,
-                tier=identity.tier,
-                hold_id=hold_id,
-                hold_micro=hold,
-                strict=tier.admission == "strict",
-                monthly_tokens=tier.monthly_tokens,
-                monthly_requests=tier.monthly_requests,
-                rpm=tier.rpm,
-                hold_ttl_ms=self.hold_ttl_ms,
-                allowance_micro=tier.allowance_micro,
-                renewal=config.tiers.renewal,
-            )
+            try:
+                result = await self.ledger.admit(
+                    user_id=identity.user_id,
+                    tier=identity.tier,
+                    hold_id=hold_id,
+                    hold_micro=hold,
+                    strict=tier.admission == "strict",
+                    monthly_tokens=tier.monthly_tokens,
+                    monthly_requests=tier.monthly_requests,
+                    rpm=tier.rpm,
+                    hold_ttl_ms=self.hold_ttl_ms,
+                    allowance_micro=tier.allowance_micro,
+                    renewal=config.tiers.renewal,
+                )
+            except BaseException as exc:
+                # The script may have run and only its reply been lost: release the hold
+                # it may have placed rather than leave the credit reserved until it expires.
+                self._release(identity.user_id, hold_id, hold)
+                if isinstance(exc, RedisError):
+                    raise ProxyError(
+                        503, "ledger_unavailable",
+                        "The gateway cannot reach its credit ledger right now; nothing was charged. Retry in a moment.",
+                        should_retry=True,
+                    ) from exc
+                raise
             if result.reason == "ok":
                 return Ticket(identity, tier, model, call, hold_id, hold, result)
             if result.reason != "tier" or result.actual_tier is None:
                 raise await self._refusal(identity, tier, hold, result)
             identity = self.keys.retier(key, identity, result.actual_tier)
         raise ProxyError(503, "tier_changing", "Your plan is being changed; retry in a moment.", should_retry=True)
+
+    def _release(self, user_id: str, hold_id: str, hold: int) -> None:
+        """Void a hold whose admission has an unknown outcome, in the background."""
+
+        async def release() -> None:
+            try:
+                result = await self.ledger.void(user_id=user_id, hold_id=hold_id, hold_micro=hold, reason="admission_failed")
+                if not result.duplicate:
+                    metrics.HOLDS_VOIDED.labels(reason="admission_failed").inc()
+            except (RedisError, KeyError) as exc:  # the hold, if placed, expires and is voided by the worker
+                log.warning("could not release hold %s after a failed admission: %r", hold_id, exc)
+
+        task = asyncio.create_task(release())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     async def _refusal(self, identity: Identity, tier: Tier, hold: int, result: Admission) -> ProxyError:
         reason = result.reason

@@ -4,7 +4,8 @@ Behaviour is steered per request by headers the official SDKs pass through untou
 (``extra_headers``):
 
 ``x-mock-usage``     ``prompt=1200,completion=300,cached=200,reasoning=50`` (the defaults)
-``x-mock-scenario``  ``error-400`` | ``error-429`` | ``error-500`` | ``no-usage`` | ``slow`` | ``hang``
+``x-mock-scenario``  ``error-400`` | ``error-429`` | ``error-500`` | ``no-usage`` | ``slow`` | ``hang`` |
+                     ``late`` (a stream's headers come after 0.3 s)
 ``x-mock-chunks``    number of text chunks in a stream (default 3)
 
 Every request is recorded in ``app[RECEIVED]`` (method, path, query, headers, raw body).
@@ -92,6 +93,8 @@ def _sse(payload: Any, event: str | None = None) -> bytes:
 async def _stream(request: web.Request, events: list[bytes]) -> web.StreamResponse:
     scenario = _scenario(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    if scenario == "late":
+        await asyncio.sleep(0.3)
     await response.prepare(request)
     for i, event in enumerate(events):
         if scenario == "slow" and i:

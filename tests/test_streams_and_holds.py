@@ -180,3 +180,58 @@ async def test_settled_requests_leave_no_key_of_their_own_in_redis(make_customer
     account = await ledger.account(customer.user_id)
     assert (int(account["held"]), int(account["open_holds"]), int(account["requests"])) == (0, 0, 6)
     assert [await redis.zcard(k) for k in ledger.holds_keys()] == [0] * len(ledger.holds_keys())
+
+
+async def test_a_lost_admission_reply_gives_503_and_releases_the_hold(make_customer, aiohttp_server, settings, upstream, ledger):
+    """The admission script ran but its reply was lost: the client is told to retry, nothing
+    is forwarded, and the hold it placed is released at once, not after HOLD_TTL_SECONDS."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from proxy.app import create_app
+    from proxy.state import GATE
+
+    live = replace(settings, upstream_urls={"openai": str(upstream.make_url("")).rstrip("/")})
+    server = await aiohttp_server(create_app(live, live.redis_url, live.database_url))
+    gate = server.app[GATE]
+    script = gate.ledger._admit
+
+    async def reply_lost(keys, args):
+        await script(keys=keys, args=args)
+        raise RedisConnectionError("reply lost")
+
+    gate.ledger._admit = reply_lost
+    customer = await make_customer("starter")
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/openai/v1")), api_key=customer.api_key, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as err:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    assert (err.value.status_code, err.value.code) == (503, "ledger_unavailable")
+    assert err.value.response.headers["x-should-retry"] == "true"
+    assert not upstream.app[RECEIVED]
+    account = await _settled(ledger, customer.user_id)
+    assert (account["balance"], account["held"], account["open_holds"], account["requests"]) == (3_800_000, 0, 0, 0)
+
+
+async def test_client_leaving_before_the_headers_is_still_charged_the_real_usage(make_customer, proxy_url, ledger):
+    customer = await make_customer("starter")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(asyncio.TimeoutError):  # gives up before the upstream's headers arrive
+            await http.post(f"{proxy_url}/openai/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=0.1),
+                            headers={"Authorization": f"Bearer {customer.api_key}", "x-mock-scenario": "late"})
+    await asyncio.sleep(0.4)
+    account = await _settled(ledger, customer.user_id)
+    assert (account["held"], account["balance"]) == (0, 3_800_000 - 345)  # the usage the upstream reported
+
+
+async def test_an_unexpected_error_while_relaying_releases_the_hold(make_customer, openai_client, ledger, monkeypatch):
+    from proxy.providers.openai import OpenAIProvider
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("request signing failed")
+
+    monkeypatch.setattr(OpenAIProvider, "prepare", broken)
+    customer = await make_customer("starter")
+    with pytest.raises(openai.InternalServerError):
+        await openai_client(customer.api_key).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+    account = await _settled(ledger, customer.user_id, timeout=1)
+    assert (account["balance"], account["held"], account["open_holds"]) == (3_800_000, 0, 0)
