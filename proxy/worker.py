@@ -34,7 +34,7 @@ async def void_expired_holds(ledger: Ledger) -> int:
     for holds_key in ledger.holds_keys():
         for hold in await ledger.expired_holds(holds_key, now_ms()):
             try:
-                result = await ledger.void(user_id=hold.user_id, hold_id=hold.hold_id, hold_micro=hold.amount_micro, reason="expired")
+                result = await ledger.void_pending(hold, reason="expired")
             except KeyError:
                 log.warning("dropped expired hold %s: account %s no longer exists", hold.hold_id, hold.user_id)
                 continue

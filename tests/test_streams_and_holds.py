@@ -235,3 +235,19 @@ async def test_an_unexpected_error_while_relaying_releases_the_hold(make_custome
         await openai_client(customer.api_key).chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
     account = await _settled(ledger, customer.user_id, timeout=1)
     assert (account["balance"], account["held"], account["open_holds"]) == (3_800_000, 0, 0)
+
+
+async def test_an_expired_hold_placed_by_the_previous_version_is_voided(make_customer, ledger, redis):
+    """Holds used to be a hash each, the zset member only their id: a sweep after an
+    upgrade still finds their account and amount, releases them and drops the hash."""
+    customer = await make_customer("starter")
+    account_key = ledger.account_key(customer.user_id)
+    tag = account_key.split(":acct:")[0]
+    await redis.hset(f"{tag}:hold:hold_old1", mapping={"account": account_key, "amount": 5_000, "state": "pending", "expires": 1})
+    await redis.zadd(f"{tag}:holds", {"hold_old1": 1})
+    await redis.hset(account_key, mapping={"held": 5_000, "open_holds": 1})
+
+    assert await void_expired_holds(ledger) == 1
+    account = await _settled(ledger, customer.user_id, timeout=0)
+    assert (account["balance"], account["held"], account["open_holds"]) == (3_800_000, 0, 0)
+    assert not await redis.exists(f"{tag}:hold:hold_old1") and not await redis.zcard(f"{tag}:holds")

@@ -79,11 +79,9 @@ class PendingHold:
     hold_id: str
     user_id: str
     amount_micro: int
-
-    @classmethod
-    def parse(cls, member: str) -> PendingHold:
-        hold_id, user_id, amount = member.split("|")
-        return cls(hold_id, user_id, int(amount))
+    member: str
+    #: the hash a hold placed by an earlier version keeps its details in (None for current ones)
+    legacy_key: str | None = None
 
 
 def hold_member(hold_id: str, user_id: str, amount_micro: int) -> str:
@@ -204,9 +202,19 @@ class Ledger:
             "void", user_id, hold_id, hold_micro, 0, 0, f"void_{hold_id}", {"reason": reason}, NO_WARNINGS
         )
 
+    async def void_pending(self, hold: PendingHold, reason: str) -> Resolution:
+        """Void a hold found by :meth:`expired_holds` (also one an earlier version placed)."""
+        result = await self._resolve_hold(
+            "void", hold.user_id, hold.hold_id, hold.amount_micro, 0, 0, f"void_{hold.hold_id}", {"reason": reason},
+            NO_WARNINGS, hold.member,
+        )
+        if hold.legacy_key:
+            await self.redis.delete(hold.legacy_key)
+        return result
+
     async def _resolve_hold(
         self, mode: str, user_id: str, hold_id: str, hold_micro: int, cost: int, tokens: int, event_id: str,
-        event: dict[str, Any], warn_at: WarnAt,
+        event: dict[str, Any], warn_at: WarnAt, member: str | None = None,
     ) -> Resolution:
         unlimited = lambda v: -1 if v is None else v  # noqa: E731
         tag = self._tag(user_id)
@@ -214,7 +222,7 @@ class Ledger:
         args = [
             mode, cost, tokens, event_id, now_ms(), user_id, hold_id, VOID_MARKER_TTL_MS, warn_at.allowance_micro,
             unlimited(warn_at.monthly_tokens), unlimited(warn_at.monthly_requests), warn_at.threshold_permille, orjson.dumps(event),
-            hold_member(hold_id, user_id, hold_micro), hold_micro,
+            member or hold_member(hold_id, user_id, hold_micro), hold_micro,
         ]
         # The provider has billed the request: a Redis blip must not lose the charge. The
         # script resolves a hold once, so retrying is safe; a "dup" after a retry means an
@@ -287,5 +295,19 @@ class Ledger:
 
     async def expired_holds(self, holds_key: str, now: int, limit: int = 200) -> list[PendingHold]:
         """Holds in one shard whose expiry has passed."""
-        members = await self.redis.zrangebyscore(holds_key, "-inf", now, start=0, num=limit)
-        return [PendingHold.parse(m.decode()) for m in members]
+        holds = []
+        for raw in await self.redis.zrangebyscore(holds_key, "-inf", now, start=0, num=limit):
+            member = raw.decode()
+            if "|" in member:
+                hold_id, user_id, amount = member.split("|")
+                holds.append(PendingHold(hold_id, user_id, int(amount), member))
+                continue
+            # Placed by a version that kept a hash per hold (member = hold id): read it there.
+            legacy_key = holds_key.removesuffix(":holds") + f":hold:{member}"
+            account, amount = await self.redis.hmget(legacy_key, "account", "amount")
+            if account is None:  # resolved meanwhile by the process that placed it
+                await self.redis.zrem(holds_key, member)
+                continue
+            user_id = account.decode().rsplit(":acct:", 1)[1]
+            holds.append(PendingHold(member, user_id, int(amount), member, legacy_key))
+        return holds
