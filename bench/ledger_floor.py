@@ -38,31 +38,26 @@ def metered(forward: Handler) -> Handler:
     """``forward`` (the floor's handler) between an admission and a settlement."""
 
     async def metered_forward(request: web.Request) -> web.StreamResponse:
-        return await _between_admit_and_post(request, forward)
+        ledger, user = request.app[LEDGER], os.environ["BENCH_USER"]
+        hold_id = new_id("hold")
+        admitted = await ledger.admit(
+            user_id=user, tier=os.environ["BENCH_TIER"], hold_id=hold_id, hold_micro=HOLD_MICRO, strict=False,
+            monthly_tokens=None, monthly_requests=None, rpm=None, hold_ttl_ms=900_000, allowance_micro=0,
+            renewal=lambda now: (CYCLE_MS, 0, 0),
+        )
+        if admitted.reason != "ok":
+            return web.Response(status=403, text=f"refused: {admitted.reason}")
+        response = await forward(request)
+        # the same event fields as the proxy's, so the worker does the same work per row
+        await ledger.post(
+            user_id=user, hold_id=hold_id, hold_micro=HOLD_MICRO, cost_micro=COST_MICRO, tokens=25,
+            event={"key": os.environ["BENCH_KEY_ID"], "provider": "bench", "model": "bench", "tier": os.environ["BENCH_TIER"],
+                   "in": 9, "cached": 0, "cache_write": 0, "out": 16, "reasoning": 0, "estimated": 0,
+                   "stream": int(not isinstance(response, web.Response)), "status": response.status, "ms": 1},
+        )
+        return response
 
     return metered_forward
-
-
-async def _between_admit_and_post(request: web.Request, forward: Handler) -> web.StreamResponse:
-    ledger, user = request.app[LEDGER], os.environ["BENCH_USER"]
-    hold_id = new_id("hold")
-    admitted = await ledger.admit(
-        user_id=user, tier=os.environ["BENCH_TIER"], hold_id=hold_id, hold_micro=HOLD_MICRO, strict=False,
-        monthly_tokens=None, monthly_requests=None, rpm=None, hold_ttl_ms=900_000, allowance_micro=0,
-        renewal=lambda now: (CYCLE_MS, 0, 0),
-    )
-    if admitted.reason != "ok":
-        return web.Response(status=403, text=f"refused: {admitted.reason}")
-    response = await forward(request)
-    # the same event fields as the proxy's, so the worker does the same work per row
-    await ledger.post(
-        user_id=user, hold_id=hold_id, hold_micro=HOLD_MICRO, cost_micro=COST_MICRO, tokens=25,
-        event={"key": os.environ["BENCH_KEY_ID"], "provider": "bench", "model": "bench", "tier": os.environ["BENCH_TIER"],
-               "in": 9, "cached": 0, "cache_write": 0, "out": 16, "reasoning": 0, "estimated": 0,
-               "stream": int(not isinstance(response, web.Response)),
-               "status": response.status, "ms": 1},
-    )
-    return response
 
 
 def add_ledger(app: web.Application) -> None:
