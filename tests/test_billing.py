@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import random
 import time
 from dataclasses import replace
@@ -25,6 +26,7 @@ SECRET = "whsec_test_secret"
 STARTER, PRO = "price_starter_monthly", "price_professional_monthly"
 T0 = int(time.time()) - 20 * DAY  # subscribed 20 days ago
 MONTH = 30 * DAY
+SEED = int(os.environ.get("BILLING_SEED") or random.randrange(1 << 32))  # set it to replay a failed order
 
 
 @pytest.fixture
@@ -70,8 +72,10 @@ def deliver(listener):
 async def shuffled_twice(deliver, *events) -> None:
     """Deliver every event twice, in a random order, and redeliver refused ones, as Stripe does."""
     pending = list(events) * 2
+    print(f"shuffled with BILLING_SEED={SEED}")  # shown by pytest when the test fails
+    shuffle = random.Random(SEED).shuffle
     for _ in range(5):
-        random.shuffle(pending)
+        shuffle(pending)
         statuses = await deliver(*pending)
         pending = [evt for evt, status in zip(pending, statuses) if status != 200]
         if not pending:
@@ -198,6 +202,7 @@ async def test_customer_history_step_by_step(deliver, make_customer, subscriber,
     await deliver(*steps[5])  # deletion first, then the stale snapshot: must stay cancelled
     s = await state(ledger, pool, customer.user_id)
     assert (s["tier"], s["db_tier"], s["balance"], s["cycle"], s["auto_renew"]) == ("free", "free", 500_000, (t_cancel, t_cancel + MONTH), "1")
+    assert await pool.fetchval("SELECT subscription_status FROM users WHERE id = $1", customer.user_id) == "canceled"
 
     revenue = await pool.fetch("SELECT id, amount_paid, stripe_fee, tier FROM invoices WHERE user_id = $1 ORDER BY id", customer.user_id)
     assert [tuple(r) for r in revenue] == [(c.inv(1), 1900, 85, "starter"), (c.inv(2), 4000, 174, "professional"),
@@ -214,6 +219,31 @@ async def test_whole_history_shuffled_ends_in_the_same_state(deliver, make_custo
     s = await state(ledger, pool, customer.user_id)
     assert (s["tier"], s["db_tier"], s["balance"], s["cycle"], s["status"]) == ("free", "free", 500_000, (t_cancel, t_cancel + MONTH), "active")
     assert await pool.fetchval("SELECT count(*) FROM invoices WHERE user_id = $1", customer.user_id) == 4
+
+
+async def test_an_upgrade_paid_before_its_first_invoice_arrives_waits_for_it(deliver, make_customer, subscriber, ledger, pool):
+    customer = await make_customer("free")
+    c = subscriber(customer)
+    subscribe, upgrade = history(c)[:2]
+    assert await deliver(upgrade[0]) == [500]  # refused: Stripe will redeliver it
+    await deliver(*subscribe)
+    assert await deliver(upgrade[0]) == [200]
+    s = await state(ledger, pool, customer.user_id)
+    # the starter allowance, then (1,980 − 380) credits × 15/30 days added on top
+    assert (s["tier"], s["db_tier"], s["balance"], s["cycle"]) == ("professional", "professional", 3_800_000 + 8_000_000, (T0, T0 + MONTH))
+
+
+async def test_a_late_deletion_of_an_older_subscription_leaves_the_current_one(deliver, make_customer, subscriber, ledger, pool):
+    customer = await make_customer("free")
+    c = subscriber(customer)
+    await deliver(*history(c)[0])
+    old = {**c.subscription(STARTER, T0 - MONTH, T0, status="canceled"), "id": f"sub_old_{customer.user_id}", "ended_at": T0}
+    assert await deliver(event("customer.subscription.updated", {**old, "status": "past_due"}, T0 + DAY),
+                         event("customer.subscription.deleted", old, T0 + DAY)) == [200, 200]
+    s = await state(ledger, pool, customer.user_id)
+    assert (s["tier"], s["db_tier"], s["balance"], s["status"], s["db_status"]) == ("starter", "starter", 3_800_000, "active", "active")
+    user = await pool.fetchrow("SELECT stripe_subscription_id, ended_subscriptions FROM users WHERE id = $1", customer.user_id)
+    assert (user["stripe_subscription_id"], user["ended_subscriptions"]) == (c.sub, [old["id"]])
 
 
 async def test_bad_and_stale_signatures_are_refused_and_change_nothing(deliver, make_customer, subscriber, pool, ledger):

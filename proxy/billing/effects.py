@@ -9,6 +9,8 @@ Stripe delivers events at least once, in any order, retried for days. So:
   never grant twice;
 * subscription snapshots older than the last one applied are ignored;
 * an invoice for a cycle older than the one running changes no credits;
+* an upgrade invoice that arrives before the invoice starting its cycle is refused, so
+  Stripe redelivers it after that one (which would otherwise reset it);
 * the user row is locked (``FOR UPDATE``) while an event is applied, so concurrent
   events about one user apply one after the other.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -37,6 +40,11 @@ from .stripe_api import plain
 log = logging.getLogger("costproxy.billing")
 
 Handler = Callable[["Effects", asyncpg.Connection, dict[str, Any], dict[str, Any]], Awaitable[None]]
+
+
+#: billing reasons of the invoices that start a cycle (others only count as revenue)
+_CYCLE_REASONS = frozenset({"subscription_create", "subscription_cycle"})
+_OUTCOME: ContextVar[Outcome] = ContextVar("billing_outcome")
 
 
 def _at(seconds: int | float) -> datetime:
@@ -74,11 +82,11 @@ class Effects:
         self.config = config
         self.client = client
         self.grace = timedelta(days=grace_days)
-        self._mail: list[tuple[str, str, str]] = []
 
     async def apply(self, event: dict[str, Any]) -> Outcome:
         """Apply one event exactly once; raises (so Stripe retries) if anything fails."""
-        self._mail = []
+        outcome = Outcome("applied")
+        _OUTCOME.set(outcome)  # events are applied concurrently: each call has its own
         async with self.pool.acquire() as conn, conn.transaction():
             fresh = await conn.fetchval(
                 "INSERT INTO stripe_events (id, type, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING RETURNING true",
@@ -89,7 +97,7 @@ class Effects:
             handler = HANDLERS.get(event["type"])
             if handler is not None:
                 await handler(self, conn, event["data"]["object"], event)
-        return Outcome("applied", self._mail)
+        return outcome
 
     # lookups ------------------------------------------------------------------------------
     async def _user(
@@ -126,12 +134,12 @@ class Effects:
             return
         lines = invoice["lines"]["data"]
         reason = invoice.get("billing_reason")
-        if self._ended(user, invoice):
-            tier = next((t for t in map(self._tier_of, lines) if t), user["tier"])
-        elif reason == "subscription_update":
+        if reason == "subscription_update" and not self._ended(user, invoice):
             tier = await self._upgrade(conn, user, invoice, lines, event)
-        else:
+        elif reason in _CYCLE_REASONS and not self._ended(user, invoice):
             tier = await self._new_cycle(conn, user, invoice, lines, event)
+        else:  # a late invoice of an ended subscription, or one that starts no cycle: revenue only
+            tier = next((t for t in map(self._tier_of, lines) if t), user["tier"])
         if tier is not None:
             await self._record_invoice(conn, user["id"], invoice, tier)
 
@@ -183,39 +191,25 @@ class Effects:
         assert new_name is not None
         start, end = gained["period"]["start"], gained["period"]["end"]
         account = await self.ledger.account(user["id"]) or {}
-        if end * 1000 <= int(account.get("cycle_start", 0)):
+        cycle_start, cycle_end = int(account.get("cycle_start", 0)) // 1000, int(account.get("cycle_end", 0)) // 1000
+        if end <= cycle_start:
             log.info("upgrade invoice %s is for a cycle already over; no credits", invoice["id"])
             return new_name
-        period = await self._period_seconds(conn, user["id"], _subscription_details(invoice).get("subscription"), end)
+        if end != cycle_end:
+            # The invoice that starts the prorated cycle has not arrived yet; applying the
+            # upgrade first would have that invoice reset it. Stripe redelivers this later.
+            raise LookupError(f"upgrade invoice {invoice['id']}: its cycle (ending {end}) has not started here yet")
+        period = cycle_end - cycle_start
         difference = tiers[new_name].allowance_micro - (tiers[old_name].allowance_micro if old_name in tiers else 0)
         grant = max(0, difference * (end - start) // period)
-        balance = await self.ledger.add(
+        await self.ledger.add(
             user_id=user["id"], amount_micro=grant, kind="grant", event_id=f"inv_{invoice['id']}", tier=new_name,
             reason=f"upgrade {old_name} -> {new_name}, {end - start} of {period} s left (invoice {invoice['id']})",
         )
-        if balance is not None and user["tier"] != new_name:
+        if user["tier"] != new_name:  # also on a retry whose first attempt moved only Redis
             await conn.execute("UPDATE users SET tier = $2 WHERE id = $1", user["id"], new_name)
             await record_tier_change(conn, user["id"], old_name, new_name, "upgrade", event["id"])
         return new_name
-
-    async def _period_seconds(self, conn: asyncpg.Connection, user_id: str, subscription: str | None, period_end: int) -> int:
-        """Length of the billing period ending at ``period_end``, from the running cycle,
-        the paid invoice of that period, or Stripe's subscription item, whichever knows it.
-        Raises (so Stripe redelivers later) while none does yet."""
-        account = await self.ledger.account(user_id) or {}
-        if int(account.get("cycle_end", 0)) // 1000 == period_end:
-            return (int(account["cycle_end"]) - int(account["cycle_start"])) // 1000
-        start = await conn.fetchval(
-            "SELECT period_start FROM invoices WHERE user_id = $1 AND period_end = $2 AND billing_reason <> 'subscription_update' LIMIT 1",
-            user_id, _at(period_end),
-        )
-        if start is not None:
-            return period_end - int(start.timestamp())
-        sub = plain(await self.client.v1.subscriptions.retrieve_async(subscription))  # type: ignore[arg-type]
-        item = sub["items"]["data"][0]
-        if item["current_period_end"] != period_end:
-            raise LookupError(f"billing period ending {period_end} of {subscription} not known yet")
-        return item["current_period_end"] - item["current_period_start"]
 
     async def _record_invoice(self, conn: asyncpg.Connection, user_id: str, invoice: dict[str, Any], tier: str) -> None:
         fee, payment_intent = await self._fee(invoice["id"])
@@ -258,7 +252,7 @@ class Effects:
         await self.ledger.set_status(user["id"], "past_due")
         link = invoice.get("hosted_invoice_url") or ""
         action = "needs your confirmation" if event["type"] == "invoice.payment_action_required" else "failed"
-        self._mail.append((
+        _OUTCOME.get().mail.append((
             user["email"],
             f"Payment {action}: your {user['tier']} plan",
             f"The payment for your {user['tier']} plan {action}.\n\nPay or confirm it here: {link}\n\n"
@@ -269,7 +263,7 @@ class Effects:
     # subscriptions and checkout -----------------------------------------------------------
     async def checkout_completed(self, conn: asyncpg.Connection, session: dict[str, Any], event: dict[str, Any]) -> None:
         user = await self._user(conn, user_id=session.get("client_reference_id"))
-        if user is not None:
+        if user is not None and session.get("subscription") not in user["ended_subscriptions"]:
             await conn.execute(
                 "UPDATE users SET stripe_customer_id = coalesce($2, stripe_customer_id),"
                 " stripe_subscription_id = coalesce($3, stripe_subscription_id) WHERE id = $1",
@@ -278,7 +272,7 @@ class Effects:
 
     async def subscription_updated(self, conn: asyncpg.Connection, sub: dict[str, Any], event: dict[str, Any]) -> None:
         user = await self._user(conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer"))
-        if user is None:
+        if user is None or self._other_subscription(user, sub):
             return
         created = _at(event["created"])
         if user["subscription_synced_at"] is not None and created < user["subscription_synced_at"]:
@@ -300,14 +294,22 @@ class Effects:
         user = await self._user(conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer"))
         if user is None:
             return
-        ended = (sub.get("ended_at") or event["created"]) * 1000
-        await self._to_free_tier(conn, user, ended, f"end_{sub['id']}", "cancel", event["id"])
+        if not self._other_subscription(user, sub):  # a late deletion of an older one changes no plan
+            ended = (sub.get("ended_at") or event["created"]) * 1000
+            await self._to_free_tier(conn, user, ended, f"end_{sub['id']}", "cancel", event["id"])
+            await conn.execute(
+                "UPDATE users SET stripe_subscription_id = NULL, subscription_status = 'canceled', cancel_at_period_end = false,"
+                " subscription_synced_at = greatest(subscription_synced_at, $2) WHERE id = $1",
+                user["id"], _at(event["created"]),
+            )
         await conn.execute(
-            "UPDATE users SET stripe_subscription_id = NULL, subscription_status = 'canceled', cancel_at_period_end = false,"
-            " subscription_synced_at = greatest(subscription_synced_at, $2),"
-            " ended_subscriptions = array_append(ended_subscriptions, $3) WHERE id = $1",
-            user["id"], _at(event["created"]), sub["id"],
+            "UPDATE users SET ended_subscriptions = array_append(ended_subscriptions, $2) WHERE id = $1", user["id"], sub["id"]
         )
+
+    @staticmethod
+    def _other_subscription(user: asyncpg.Record, sub: dict[str, Any]) -> bool:
+        """Whether ``sub`` is not the user's current subscription (one that ended before it)."""
+        return user["stripe_subscription_id"] not in (None, sub["id"])
 
     async def _to_free_tier(self, conn: asyncpg.Connection, user: asyncpg.Record, start_ms: int, ledger_id: str, kind: str, source: str) -> None:
         tiers = self.config.current.tiers
