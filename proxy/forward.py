@@ -20,7 +20,7 @@ from . import metrics
 from .gate import Ticket, credits
 from .ledger import Ledger, Resolution, WarnAt
 from .pricing import Usage
-from .providers.base import HOP_BY_HOP, Provider, ProxyError
+from .providers.base import HOP_BY_HOP, Provider, ProxyError, estimate_usage
 
 log = logging.getLogger("costproxy.forward")
 
@@ -109,7 +109,7 @@ class Forwarder:
         upstream_seconds = time.perf_counter() - sent
         usage = provider.usage_from_response(ticket.call, body, upstream.headers)
         if usage is None:
-            usage = Usage(input_tokens=-(-ticket.call.prompt_upper_bound // 4), estimated=True)
+            usage = estimate_usage(ticket.call)
         cost, settled = await self._post(ticket, provider, usage, upstream.status, upstream_seconds)
         headers = _client_headers(upstream.headers)
         headers["x-credits-charged"] = credits(cost)

@@ -1,4 +1,4 @@
-"""Stream meters: usage from the events that carry it, text counted for estimates."""
+"""Usage as each wire reports it: stream events, compatible dialects, estimates."""
 
 from __future__ import annotations
 
@@ -45,3 +45,30 @@ def test_a_claude_stream_cut_short_keeps_its_input_and_estimates_the_output():
     estimate = meter.estimate()
     assert (estimate.input_tokens, estimate.output_tokens, estimate.estimated) == (30, 15, True)
 
+
+
+def test_compatible_dialects_are_charged_what_they_bill():
+    """xAI counts reasoning only in total_tokens; DeepSeek reports cache hits on their own."""
+    from pathlib import Path
+
+    from proxy.config import load_config
+    from proxy.providers.openai import usage_from_openai
+
+    root = Path(__file__).resolve().parent.parent
+    prices = load_config(root / "pricing.yaml", root / "tiers.yaml").prices
+    # xAI's published sample: 10,120 in (of which none cached), 1,499 completion + 2,809 reasoning
+    xai = usage_from_openai({"prompt_tokens": 10120, "completion_tokens": 1499, "total_tokens": 14428,
+                             "completion_tokens_details": {"reasoning_tokens": 2809}})
+    assert (xai.input_tokens, xai.output_tokens, xai.reasoning_tokens) == (10120, 4308, 2809)
+    # 10,120 × $2 + 4,308 × $6 per million = 20,240 + 25,848 µ$
+    assert prices.find("xai", "grok-4.7").cost_micro(xai) == 46_088
+    # OpenAI's own usage: reasoning is inside completion_tokens, total adds nothing
+    plain = usage_from_openai({"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150,
+                               "completion_tokens_details": {"reasoning_tokens": 30}})
+    assert (plain.input_tokens, plain.output_tokens) == (100, 50)
+
+    deepseek = usage_from_openai({"prompt_tokens": 10000, "completion_tokens": 1000, "total_tokens": 11000,
+                                  "prompt_cache_hit_tokens": 8000, "prompt_cache_miss_tokens": 2000})
+    assert (deepseek.input_tokens, deepseek.cached_input_tokens, deepseek.output_tokens) == (2000, 8000, 1000)
+    # 2,000 × $0.3 + 8,000 × $0.006 + 1,000 × $1.2 per million = 600 + 48 + 1,200 µ$
+    assert prices.find("deepseek", "deepseek-v4-flash").cost_micro(deepseek) == 1_848

@@ -101,11 +101,17 @@ class StreamMeter:
 
     def estimate(self) -> Usage:
         """Usage guessed from what was generated, for a stream that never reported it."""
-        return Usage(
-            input_tokens=math.ceil(self.call.prompt_upper_bound / BYTES_PER_TOKEN),
-            output_tokens=math.ceil(self.generated_chars / BYTES_PER_TOKEN),
-            estimated=True,
-        )
+        return estimate_usage(self.call, self.generated_chars)
+
+
+def estimate_usage(call: Call, generated_chars: int = 0) -> Usage:
+    """Usage guessed at ``BYTES_PER_TOKEN`` from the prompt's size and the text generated,
+    for an answer that did not report its own; marked ``estimated``."""
+    return Usage(
+        input_tokens=math.ceil(call.prompt_upper_bound / BYTES_PER_TOKEN),
+        output_tokens=math.ceil(generated_chars / BYTES_PER_TOKEN),
+        estimated=True,
+    )
 
 
 class Provider:

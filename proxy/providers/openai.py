@@ -26,14 +26,18 @@ _NULL_USAGE = b',"usage":null'
 
 
 def usage_from_openai(usage: Any) -> Usage | None:
-    """Usage from either OpenAI naming (``prompt_tokens`` or ``input_tokens``)."""
+    """Usage from either OpenAI naming (``prompt_tokens`` or ``input_tokens``), and from
+    the OpenAI-compatible dialects that count differently: xAI leaves reasoning out of
+    ``completion_tokens`` (but not out of ``total_tokens``), DeepSeek reports cache hits as
+    ``prompt_cache_hit_tokens``."""
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
     output = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+    output = max(output, (usage.get("total_tokens") or 0) - prompt)
     in_details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
     out_details = usage.get("completion_tokens_details") or usage.get("output_tokens_details") or {}
-    cached = min(in_details.get("cached_tokens") or 0, prompt)
+    cached = min(in_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0, prompt)
     return Usage(
         input_tokens=prompt - cached,
         cached_input_tokens=cached,
