@@ -131,7 +131,7 @@ class Gate:
             if result.reason == "ok":
                 return Ticket(identity, tier, model, call, hold_id, hold, result)
             if result.reason != "tier" or result.actual_tier is None:
-                raise await self._refusal(identity, tier, hold, result)
+                raise self._refusal(identity, tier, hold, result)
             identity = self.keys.retier(key, identity, result.actual_tier)
         raise ProxyError(503, "tier_changing", "Your plan is being changed; retry in a moment.", should_retry=True)
 
@@ -150,7 +150,8 @@ class Gate:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
-    async def _refusal(self, identity: Identity, tier: Tier, hold: int, result: Admission) -> ProxyError:
+    @staticmethod
+    def _refusal(identity: Identity, tier: Tier, hold: int, result: Admission) -> ProxyError:
         reason = result.reason
         if reason == "credits":
             available = result.balance - result.held
@@ -159,14 +160,14 @@ class Gate:
                 403, "insufficient_credits",
                 f"Your credits are used up: {credits(available)} available of this cycle's "
                 f"{credits(tier.allowance_micro)}.{need} Top up or upgrade your plan "
-                f"(POST /api/credits/upgrade), or wait for your cycle to renew ({await self._cycle_end(identity)}).",
+                f"(POST /api/credits/upgrade), or wait for your cycle to renew ({_renewal(result)}).",
             )
         if reason in ("tokens", "requests"):
             limit = tier.monthly_tokens if reason == "tokens" else tier.monthly_requests
             return ProxyError(
                 429, f"monthly_{reason[:-1]}_limit",
                 f"Your {identity.tier} plan's monthly limit of {limit:,} {reason} is reached. Upgrade your plan "
-                f"(POST /api/credits/upgrade) or wait for your cycle to renew ({await self._cycle_end(identity)}).",
+                f"(POST /api/credits/upgrade) or wait for your cycle to renew ({_renewal(result)}).",
             )
         if reason == "rpm":
             seconds = max(1, -(-result.retry_after_ms // 1000))
@@ -179,10 +180,8 @@ class Gate:
             return ProxyError(403, "account_suspended", "Your account is suspended; contact support.")
         return ProxyError(401, "invalid_api_key", "This key's account does not exist any more.")
 
-    async def _cycle_end(self, identity: Identity) -> str:
-        account = await self.ledger.account(identity.user_id) or {}
-        end = int(account.get("cycle_end", 0)) / 1000
-        return datetime.fromtimestamp(end, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _renewal(result: Admission) -> str:
+    return datetime.fromtimestamp(result.cycle_end_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def count_refusal(provider: str, error: ProxyError) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import aiohttp
 import openai
 import orjson
@@ -175,8 +177,27 @@ async def test_credits_exhausted_gives_403_insufficient_credits(make_customer, o
     assert err.value.code == "insufficient_credits"
     assert err.value.response.headers["x-should-retry"] == "false"
     assert "Top up or upgrade" in err.value.message
+    cycle_end = int((await ledger.account(customer.user_id))["cycle_end"]) // 1000
+    assert f"renew ({datetime.fromtimestamp(cycle_end, tz=timezone.utc):%Y-%m-%dT%H:%M:%SZ})" in err.value.message
     assert upstream.app[RECEIVED] == []
     assert (await account(ledger, customer.user_id))["held"] == 0
+
+
+async def test_lenient_admits_while_credit_remains_strict_only_the_worst_case_that_fits(make_customer, openai_client, ledger, upstream):
+    """100 µ$ left; the request's worst case (1,000 output tokens at 0.6 µ$) is over 600 µ$,
+    its actual cost 345 µ$ (the mock's usage)."""
+    request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1000}
+    lenient = await make_customer("starter", balance_micro=100)
+    await openai_client(lenient.api_key).chat.completions.create(**request)
+    assert (await account(ledger, lenient.user_id))["balance"] == 100 - 345  # below zero by less than one request
+
+    strict = await make_customer("free", balance_micro=100)
+    forwarded = len(upstream.app[RECEIVED])
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        await openai_client(strict.api_key).chat.completions.create(**request)
+    assert err.value.code == "insufficient_credits" and "may cost up to" in err.value.message
+    assert len(upstream.app[RECEIVED]) == forwarded
+    assert (await account(ledger, strict.user_id))["balance"] == 100
 
 
 async def test_monthly_request_limit_gives_429(make_customer, openai_client, ledger, settings):
@@ -193,8 +214,10 @@ async def test_monthly_token_limit_gives_429(make_customer, openai_client, ledge
     customer = await make_customer("starter")
     await ledger.redis.hset(ledger.account_key(customer.user_id), "tokens", 500_000)
     with pytest.raises(openai.RateLimitError) as err:
-        await openai_client(customer.api_key).chat.completions.create(model="gpt-4o-mini", messages=[])
+        await openai_client(customer.api_key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[])
     assert err.value.code == "monthly_token_limit"
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert "monthly limit of 500,000 tokens is reached" in err.value.message
 
 
 async def test_rpm_limit_gives_retryable_429(make_customer, openai_client):

@@ -70,6 +70,7 @@ class Admission:
     requests: int = 0
     actual_tier: str | None = None
     retry_after_ms: int = 0
+    cycle_end_ms: int = 0  # with a credits, tokens or requests refusal: when the cycle renews
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +183,9 @@ class Ledger:
         if reason == "rpm":
             return Admission("rpm", retry_after_ms=int(res[1]))
         if reason == "credits":
-            return Admission("credits", balance=int(res[1]), held=int(res[2]))
+            return Admission("credits", balance=int(res[1]), held=int(res[2]), cycle_end_ms=int(res[3]))
+        if reason in ("tokens", "requests"):
+            return Admission(reason, cycle_end_ms=int(res[1]))
         return Admission(reason)
 
     async def post(

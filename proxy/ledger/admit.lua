@@ -9,7 +9,8 @@
 --       (0 = calendar months: 13 and 14 are the current month's start and end ms),
 --       12 user id
 -- Returns {"ok", balance, held, tokens, requests} or {reason, ...}: "no_account", "tier" + actual tier,
--- "suspended", "tokens", "requests", "rpm" + retry-after ms, "credits" + balance + held.
+-- "suspended", "tokens" / "requests" + cycle end ms, "rpm" + retry-after ms,
+-- "credits" + balance + held + cycle end ms.
 local a = redis.call('HMGET', KEYS[1], 'tier', 'status', 'balance', 'held', 'open_holds',
   'cycle_end', 'auto_renew', 'tokens', 'requests', 'rpm_win', 'rpm_cur', 'rpm_prev')
 if not a[1] then return {'no_account'} end
@@ -26,26 +27,27 @@ local requests = tonumber(a[9])
 
 if a[7] == '1' and now >= cycle_end then
   local cycle_ms = tonumber(ARGV[11])
-  local start, new_end
+  local start
   if cycle_ms > 0 then
     start = cycle_end + math.floor((now - cycle_end) / cycle_ms) * cycle_ms
-    new_end = start + cycle_ms
+    cycle_end = start + cycle_ms
   else
-    start, new_end = tonumber(ARGV[13]), tonumber(ARGV[14])
+    start, cycle_end = tonumber(ARGV[13]), tonumber(ARGV[14])
   end
   local allowance = tonumber(ARGV[10])
   local delta = allowance - balance
   balance, tokens, requests = allowance, 0, 0
   redis.call('HDEL', KEYS[1], 'warned_credits', 'warned_tokens', 'warned_requests')
   redis.call('HSET', KEYS[1], 'balance', ARGV[10], 'tokens', 0, 'requests', 0, 'cost', 0,
-    'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', new_end))
+    'cycle_start', string.format('%.0f', start), 'cycle_end', string.format('%.0f', cycle_end))
   redis.call('XADD', KEYS[3], '*', 'kind', 'reset', 'id', 'reset_' .. ARGV[12] .. '_' .. string.format('%.0f', start), 'user', ARGV[12],
     'amount', string.format('%.0f', delta), 'balance', ARGV[10], 'ts', ARGV[1], 'tier', ARGV[2])
 end
 
 local max_tokens, max_requests, rpm = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-if max_tokens >= 0 and tokens >= max_tokens then return {'tokens'} end
-if max_requests >= 0 and requests + open_holds >= max_requests then return {'requests'} end
+local ends = string.format('%.0f', cycle_end)
+if max_tokens >= 0 and tokens >= max_tokens then return {'tokens', ends} end
+if max_requests >= 0 and requests + open_holds >= max_requests then return {'requests', ends} end
 
 -- Sliding-window rate: the previous minute's count, weighted by how much of it still
 -- overlaps the last 60 s, plus this minute's count.
@@ -63,7 +65,7 @@ end
 local amount = tonumber(ARGV[4])
 local available = balance - held
 if (ARGV[5] == 'strict' and available < amount) or (ARGV[5] ~= 'strict' and available <= 0) then
-  return {'credits', string.format('%.0f', balance), string.format('%.0f', held)}
+  return {'credits', string.format('%.0f', balance), string.format('%.0f', held), ends}
 end
 
 redis.call('ZADD', KEYS[2], string.format('%.0f', now + tonumber(ARGV[9])), ARGV[3])
