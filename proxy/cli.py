@@ -178,9 +178,11 @@ async def cmd_keys_revoke(accounts: Any, args: argparse.Namespace) -> int:
 
 @_with_accounts
 async def cmd_credits_grant(accounts: Any, args: argparse.Namespace) -> int:
+    from .gate import credits
+
     balance = await accounts.grant(args.user, args.credits, args.reason)
     _print({"user": args.user, "granted_credits": args.credits, "balance_micro_usd": balance}, args.json,
-           f"granted {args.credits} credits; balance {balance / 10_000:.4f} credits")
+           f"granted {args.credits} credits; balance {credits(balance)} credits")
     return 0
 
 

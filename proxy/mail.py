@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from email.message import EmailMessage
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiosmtplib
 
@@ -31,8 +31,8 @@ class Mailer:
                 message,
                 hostname=self.url.hostname,
                 port=self.url.port or (465 if self.url.scheme == "smtps" else 25),
-                username=self.url.username,
-                password=self.url.password,
+                username=unquote(self.url.username) if self.url.username else None,  # user%40example.com
+                password=unquote(self.url.password) if self.url.password else None,
                 use_tls=self.url.scheme == "smtps",  # plain smtp:// upgrades with STARTTLS when offered
                 timeout=10,
             )

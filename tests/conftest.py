@@ -170,17 +170,26 @@ class Inbox:
         return "250 OK"
 
 
-@pytest.fixture
-def smtp():
-    """A local SMTP server: (inbox, port)."""
+@contextmanager
+def smtp_server(**options: Any) -> Iterator[tuple[Inbox, int]]:
+    """A local SMTP server (aiosmtpd ``Controller`` options) while in the block: (inbox, port)."""
     with socket.socket() as probe:  # aiosmtpd needs a concrete port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, **options)
     controller.start()
-    yield inbox, port
-    controller.stop()
+    try:
+        yield inbox, port
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def smtp():
+    """A local SMTP server: (inbox, port)."""
+    with smtp_server() as server:
+        yield server
 
 
 @dataclass

@@ -37,3 +37,22 @@ async def test_under_the_threshold_no_warning(make_customer, openai_client):
     customer = await make_customer("starter")
     raw = await openai_client(customer.api_key).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[], max_tokens=5)
     assert "x-credits-warning" not in raw.headers
+
+
+async def test_smtp_credentials_in_the_url_are_percent_decoded():
+    """Most SMTP logins are email addresses, written ``user%40example.com`` in SMTP_URL."""
+    from aiosmtpd.smtp import AuthResult
+
+    from .conftest import smtp_server
+
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((auth_data.login.decode(), auth_data.password.decode()))
+        return AuthResult(success=True)
+
+    with smtp_server(authenticator=authenticator, auth_require_tls=False) as (inbox, port):
+        mailer = Mailer(f"smtp://billing%40example.com:p%40ss%3Aword@127.0.0.1:{port}", "billing@example.com")
+        assert await mailer.send("ada@example.com", "hello", "body")
+    assert logins == [("billing@example.com", "p@ss:word")]
+    assert len(inbox.messages) == 1

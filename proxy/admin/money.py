@@ -10,8 +10,9 @@ from __future__ import annotations
 from decimal import Decimal
 from fractions import Fraction
 
-MICRO_PER_CENT = 10_000
-MICRO_PER_USD = 1_000_000
+from ..tiers import MICRO_PER_USD
+
+MICRO_PER_CENT = MICRO_PER_USD // 100
 
 
 def _fixed(value: int, unit: int, places: int) -> str:
