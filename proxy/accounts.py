@@ -192,12 +192,15 @@ class Accounts:
             "UPDATE api_keys SET revoked_at = revoke_after"
             " WHERE revoked_at IS NULL AND revoke_after <= now() RETURNING key_hash"
         )
-        for row in rows:
-            await self.mirror.remove(row["key_hash"])
+        await self.mirror.remove(*(row["key_hash"] for row in rows))
         return len(rows)
 
 async def sync_key_mirror(pool: asyncpg.Pool, mirror: KeyMirror) -> int:
-    """Rewrite the Redis key mirror from Postgres (e.g. after a Redis loss); returns keys written."""
+    """Rewrite the Redis key mirror from Postgres (e.g. after a Redis loss, or a revocation
+    whose Redis step failed); returns keys written."""
+    revoked = await pool.fetch("SELECT key_hash FROM api_keys WHERE revoked_at IS NOT NULL OR revoke_after <= now()")
+    for start in range(0, len(revoked), 1000):
+        await mirror.remove(*(row["key_hash"] for row in revoked[start : start + 1000]))
     rows = await pool.fetch(
         "SELECT id, user_id, key_hash, revoke_after - now() AS remaining FROM api_keys"
         " WHERE revoked_at IS NULL AND (revoke_after IS NULL OR revoke_after > now())"

@@ -52,8 +52,9 @@ class KeyMirror:
     async def put(self, key_hash: str, user_id: str, key_id: str) -> None:
         await self.redis.hset(self._key(key_hash), mapping={"user": user_id, "key": key_id})
 
-    async def remove(self, key_hash: str) -> None:
-        await self.redis.delete(self._key(key_hash))
+    async def remove(self, *key_hashes: str) -> None:
+        if key_hashes:
+            await self.redis.delete(*map(self._key, key_hashes))
 
     async def get(self, key_hash: str) -> tuple[str, str] | None:
         found = await self.redis.hmget(self._key(key_hash), "user", "key")

@@ -258,6 +258,27 @@ async def test_revoked_key_stops_working(make_customer, openai_client, accounts)
         await client.chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
 
 
+async def test_a_revocation_whose_redis_step_failed_is_repaired_by_the_mirror_sync(make_customer, accounts, pool, monkeypatch):
+    from proxy.accounts import sync_key_mirror
+    from proxy.keys import hash_key
+
+    customer = await make_customer("starter")
+    other = await make_customer("starter")
+
+    async def redis_down(*key_hashes):
+        raise ConnectionError("Redis unreachable")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(accounts.mirror, "remove", redis_down)
+        with pytest.raises(ConnectionError):
+            await accounts.revoke_key(customer.key_id)  # Postgres says revoked, Redis still has it
+    assert await accounts.mirror.get(hash_key(customer.api_key)) is not None
+
+    await sync_key_mirror(pool, accounts.mirror)  # the worker runs it at start
+    assert await accounts.mirror.get(hash_key(customer.api_key)) is None
+    assert await accounts.mirror.get(hash_key(other.api_key)) == (other.user_id, other.key_id)
+
+
 async def test_model_listing_is_free_and_forwarded(make_customer, openai_client, upstream, ledger):
     customer = await make_customer("starter")
     models = await openai_client(customer.api_key).models.list()
