@@ -99,6 +99,11 @@ async def test_login_keeps_a_signed_session_cookie_not_the_token(admin, pool):
         tampered = value[:-1] + ("1" if value.endswith("0") else "0")
         async with fresh.get(f"{base}/admin/api/users", headers={"Cookie": f"{auth.COOKIE}={tampered}"}) as resp:
             assert resp.status == 401
+        # the cookie only reads: a cross-site form post riding on it changes nothing
+        async with fresh.post(f"{base}/admin/api/users", data='{"email": "csrf@example.com", "tier": "starter"}',
+                              headers={**cookie, "Content-Type": "text/plain"}) as resp:
+            assert resp.status == 401
+        assert await pool.fetchval("SELECT count(*) FROM users WHERE email = 'csrf@example.com'") == 0
         async with fresh.get(f"{base}/admin/", headers=cookie, allow_redirects=False) as resp:
             assert resp.status == 200 and "default-src 'self'" in resp.headers["Content-Security-Policy"]
         async with fresh.get(f"{base}/admin/", allow_redirects=False) as resp:

@@ -68,6 +68,10 @@ def identify(request: web.Request, admin_token: str, now: float) -> Caller:
         return Caller(False, f"bad-token:{fingerprint(presented)}")
     cookie = request.cookies.get(COOKIE)
     if cookie is not None:
+        if request.method not in ("GET", "HEAD"):
+            # The dashboard only reads. A cookie that could also move credits would be one
+            # form post away from a cross-site request forgery: changes need the token.
+            return Caller(False, "session-write")
         if session_valid(admin_token, cookie, now):
             return Caller(True, f"session:{fingerprint(admin_token)}")
         return Caller(False, "bad-session")

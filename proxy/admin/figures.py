@@ -1,6 +1,6 @@
 """Business figures from Postgres: accounts, usage, revenue, cost, profit and the margin model.
 
-Every figure is defined once, here and in docs/metrics.md. Usage comes from the daily
+Every figure is defined once, here and in the README ("Business figures"). Usage comes from the daily
 rollup (``usage_daily``), never from a scan of ``usage_events``; revenue from ``invoices``
 (cents); allowance grants from the ledger entries paid invoices made (``inv_<invoice id>``);
 sign-ups, tier moves and cancellations from ``tier_changes``. Money stays in integer cents
@@ -111,7 +111,7 @@ def _provider_rows(rows: list[Any], requests: int, cost: int) -> list[dict[str, 
 
 
 async def compute(db: Queryable, period: Period, tiers: TiersFile) -> dict[str, Any]:
-    """Every figure for ``period`` (see docs/metrics.md for the definitions)."""
+    """Every figure for ``period`` (defined in the README, "Business figures")."""
     paid = paid_tiers(tiers)
     span = (period.start_at, period.end_at)
     usage = await db.fetchrow(USAGE_SQL, period.start, period.end, paid)

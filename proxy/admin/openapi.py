@@ -113,7 +113,7 @@ SCHEMAS: dict[str, Schema] = {
                 "request_share_pct": PCT, "cost_share_pct": PCT,
             })},
         },
-        "Business figures for one period; definitions in docs/metrics.md",
+        "Business figures for one period; definitions in the README's \"Business figures\"",
     ),
     "Change": obj({
         "signups": INT, "upgrades": INT, "downgrades": INT, "requests": INT, "tokens": INT,
