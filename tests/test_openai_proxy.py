@@ -14,9 +14,8 @@ from proxy.tiers import MICRO_PER_CREDIT
 from .mock_upstreams import RECEIVED
 
 # gpt-4o-mini: $0.15 input, $0.075 cached input, $0.60 output per 1M tokens, i.e. µ$ per token.
-# Default mock usage: 1200 prompt tokens of which 200 cached, 300 completion tokens.
-MINI_DEFAULT_COST = 1000 * 0.15 + 200 * 0.075 + 300 * 0.6  # = 345 µ$ exactly
-assert MINI_DEFAULT_COST == 345
+# Default mock usage: 1200 prompt tokens of which 200 cached, 300 completion tokens:
+# 1000 × 0.15 + 200 × 0.075 + 300 × 0.6 = 150 + 15 + 180 = 345 µ$, the charge asserted below.
 
 
 async def account(ledger, user_id):
