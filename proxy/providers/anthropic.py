@@ -14,34 +14,51 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..errors import ProxyError
+from ..paths import Endpoint, EndpointTable
 from ..pricing import Usage
-from .base import BYTES_PER_TOKEN, Call, Provider, ProxyError, StreamMeter, optional_int, prompt_upper_bound, require_model
+from .base import BYTES_PER_TOKEN, Call, Provider, StreamMeter, as_object, prompt_upper_bound, token_count
+from .fields import optional_bool, optional_str, require_model, require_object, token_limit
 from .sse import event_data
 
-_FREE = frozenset({("POST", "v1/messages/count_tokens"), ("GET", "v1/models")})
+ENDPOINTS = EndpointTable(
+    [
+        Endpoint("POST", "v1/messages", "messages"),
+        Endpoint("POST", "v1/messages/count_tokens", "count_tokens", free=True),
+        Endpoint("GET", "v1/models", "models", free=True),
+        Endpoint("GET", "v1/models/{model}", "model", free=True),
+    ]
+)
 _ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-    503: "overloaded_error", 504: "timeout_error", 529: "overloaded_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
 }
 
 
 def usage_from_anthropic(usage: Any) -> Usage | None:
-    """Billable usage from an Anthropic ``usage`` object (message or cumulative delta)."""
+    """Billable usage from an Anthropic ``usage`` object (message or cumulative delta);
+    every count through :func:`~.base.token_count` (never negative nor fractional)."""
     if not isinstance(usage, dict):
         return None
-    writes = usage.get("cache_creation_input_tokens") or 0
-    by_ttl = usage.get("cache_creation") or {}
-    write_1h = min(by_ttl.get("ephemeral_1h_input_tokens") or 0, writes)
-    thinking = (usage.get("output_tokens_details") or {}).get("thinking_tokens") or 0
+    writes = token_count(usage.get("cache_creation_input_tokens"))
+    write_1h = min(token_count(as_object(usage.get("cache_creation")).get("ephemeral_1h_input_tokens")), writes)
+    output = token_count(usage.get("output_tokens"))
+    thinking = token_count(as_object(usage.get("output_tokens_details")).get("thinking_tokens"))
     return Usage(
-        input_tokens=usage.get("input_tokens") or 0,
-        cached_input_tokens=usage.get("cache_read_input_tokens") or 0,
+        input_tokens=token_count(usage.get("input_tokens")),
+        cached_input_tokens=token_count(usage.get("cache_read_input_tokens")),
         # Writes not broken down by TTL are 5-minute writes, Anthropic's default.
         cache_write_tokens=writes - write_1h,
         cache_write_1h_tokens=write_1h,
-        output_tokens=usage.get("output_tokens") or 0,
-        reasoning_tokens=thinking,
+        output_tokens=output,
+        reasoning_tokens=min(thinking, output),
     )
 
 
@@ -62,7 +79,7 @@ class ClaudeStreamUsage:
     def observe(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "message_start":
-            self._merge((event.get("message") or {}).get("usage"))
+            self._merge(as_object(event.get("message")).get("usage"))
         elif kind == "message_delta":
             self._merge(event.get("usage"))
             self.final = True
@@ -88,7 +105,7 @@ def content_delta_chars(event: dict[str, Any]) -> int:
     """Characters of text, thinking or tool input a ``content_block_delta`` event adds."""
     if event.get("type") != "content_block_delta":
         return 0
-    delta = event.get("delta") or {}
+    delta = as_object(event.get("delta"))
     for field in ("text", "thinking", "partial_json"):
         value = delta.get(field)
         if isinstance(value, str):
@@ -123,6 +140,7 @@ class AnthropicProvider(Provider):
     """The Anthropic API, reached with the official ``anthropic`` SDK's ``base_url``."""
 
     wire = "anthropic"
+    endpoints = ENDPOINTS
     credential_headers = ("authorization", "x-api-key")
 
     def caller_key(self, request: web.Request) -> str | None:
@@ -131,31 +149,30 @@ class AnthropicProvider(Provider):
     def add_credential(self, headers: CIMultiDict[str]) -> None:
         headers["x-api-key"] = self.api_key
 
-    def is_free(self, method: str, tail: str) -> bool:
-        return (method, tail) in _FREE or (method == "GET" and tail.startswith("v1/models/"))
-
     def inspect(self, method: str, tail: str, body: bytes, payload: Any) -> Call:
-        if method != "POST" or tail != "v1/messages":
-            raise ProxyError(
-                404, "unsupported_endpoint",
-                f"{method} /{self.name}/{tail} is not available through this gateway; the metered "
-                f"endpoint is POST /{self.name}/v1/messages.",
-            )
+        """``POST /v1/messages``. Read and checked (:mod:`.fields`): ``model``,
+        ``max_tokens`` (required: an integer from 1 to 2**31 - 1), ``stream``, and the
+        options priced above the standard rate, ``speed`` and ``inference_geo`` (strings)."""
+        self.metered(method, tail)
+        payload = require_object(payload)
         model = require_model(payload)
-        max_tokens = optional_int(payload, "max_tokens")
+        max_tokens = token_limit(payload, "max_tokens")
         if max_tokens is None:
             raise ProxyError(400, "missing_max_tokens", "max_tokens: Field required (a positive integer).")
+        stream = optional_bool(payload, "stream")
         # pricing.yaml cannot express these surcharges yet (US-only inference 1.1x, fast mode
         # a multiple): refused rather than billed at the standard price.
-        if payload.get("speed") == "fast" or payload.get("inference_geo", "global") not in (None, "global"):
+        if optional_str(payload, "speed") == "fast" or optional_str(payload, "inference_geo") not in (None, "global"):
             raise ProxyError(
-                400, "unsupported_option",
-                "Fast mode (speed: \"fast\") and regional inference (inference_geo) are priced above the "
+                400,
+                "unsupported_option",
+                'Fast mode (speed: "fast") and regional inference (inference_geo) are priced above the '
                 "standard rate and are not available through this gateway; leave them out.",
             )
         return Call(
             model=model,
-            stream=payload.get("stream") is True,
+            endpoint="messages",
+            stream=stream,
             max_output_tokens=max_tokens,  # thinking counts towards it: the hold is exact
             body=body,
             prompt_upper_bound=prompt_upper_bound(body),
@@ -167,6 +184,9 @@ class AnthropicProvider(Provider):
     def stream_meter(self, call: Call) -> StreamMeter:
         return AnthropicStreamMeter(call)
 
-    def error_payload(self, status: int, code: str, message: str) -> dict[str, Any]:
-        kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": kind, "message": message}}
+    def error_payload(self, error: ProxyError) -> dict[str, Any]:
+        if error.quota_spent:
+            kind = "billing_error"  # Anthropic's own: credits used up
+        else:
+            kind = _ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}

@@ -15,25 +15,51 @@ choose the price. ``pricing.yaml`` therefore lists Azure models by deployment na
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .base import Call, ProxyError, prompt_upper_bound
+from ..paths import Endpoint, EndpointTable
+from .base import Call
 from .openai import OpenAIProvider
 
-_DEPLOYMENT = re.compile(r"openai/deployments/(?P<deployment>[^/]+)/(?P<endpoint>chat/completions|completions|embeddings)")
-_V1 = re.compile(r"openai/(?:v1/)?(?P<endpoint>chat/completions|completions|embeddings|responses)")
-_FREE = re.compile(r"openai/(?:v1/)?(?:models|deployments)(?:/[^/]+)?")
+
+def _endpoints() -> list[Endpoint]:
+    """Azure's known endpoints, as the regular expressions of earlier versions allowed:
+    ``openai/deployments/{deployment}/(chat/completions|completions|embeddings)``,
+    ``openai[/v1]/(chat/completions|completions|embeddings|responses)`` metered, and
+    ``GET openai[/v1]/(models|deployments)[/{id}]`` free. The forms without ``v1`` are
+    accepted but not listed in the 404."""
+    table = [
+        Endpoint("POST", f"openai/deployments/{{deployment}}/{path}", name)
+        for path, name in (("chat/completions", "chat"), ("completions", "completions"), ("embeddings", "embeddings"))
+    ]
+    for prefix, listed in (("openai/v1", True), ("openai", False)):
+        table += [
+            Endpoint("POST", f"{prefix}/{path}", name, listed=listed)
+            for path, name in (
+                ("chat/completions", "chat"),
+                ("completions", "completions"),
+                ("embeddings", "embeddings"),
+                ("responses", "responses"),
+            )
+        ]
+    for prefix, listed in (("openai", True), ("openai/v1", False)):
+        for kind in ("models", "deployments"):
+            table.append(Endpoint("GET", f"{prefix}/{kind}", kind, free=True, listed=listed))
+            table.append(Endpoint("GET", f"{prefix}/{kind}/{{id}}", kind, free=True, listed=listed))
+    return table
+
+
+ENDPOINTS = EndpointTable(_endpoints(), note="Each path is also accepted with or without v1/ after openai/.")
 
 
 class AzureOpenAIProvider(OpenAIProvider):
     """Azure OpenAI, reached with ``openai.AzureOpenAI(azure_endpoint=".../azure")``."""
 
     wire = "azure"
+    endpoints = ENDPOINTS
     credential_headers = ("authorization", "api-key")
 
     def caller_key(self, request: web.Request) -> str | None:
@@ -42,33 +68,7 @@ class AzureOpenAIProvider(OpenAIProvider):
     def add_credential(self, headers: CIMultiDict[str]) -> None:
         headers["api-key"] = self.api_key
 
-    def is_free(self, method: str, tail: str) -> bool:
-        return method == "GET" and _FREE.fullmatch(tail) is not None
-
     def inspect(self, method: str, tail: str, body: bytes, payload: Any) -> Call:
-        deployment = _DEPLOYMENT.fullmatch(tail)
-        route = deployment or _V1.fullmatch(tail)
-        if route is None or method != "POST":
-            raise ProxyError(
-                404, "unsupported_endpoint",
-                f"{method} /{self.name}/{tail} is not available through this gateway; metered endpoints are "
-                f"/{self.name}/openai/deployments/{{deployment}}/(chat/completions|completions|embeddings) "
-                f"and /{self.name}/openai/v1/(chat/completions|completions|embeddings|responses).",
-            )
-        openai_tail = "v1/" + route["endpoint"]
-        if deployment is None:
-            return super().inspect(method, openai_tail, body, payload)
-        name = deployment["deployment"]
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "invalid_body", "The request body must be a JSON object.")
-        # Deployment paths need no "model" in the body; lend the deployment name to the
-        # OpenAI parsing without sending it upstream.
-        lent = "model" not in payload
-        view = {**payload, "model": name} if lent else payload
-        call = super().inspect(method, openai_tail, body, view)
-        call.model = name
-        if lent and call.body is not body:  # include_usage was added: encode again without the loan
-            del view["model"]
-            call.body = orjson.dumps(view)
-            call.prompt_upper_bound = prompt_upper_bound(call.body)
-        return call
+        found = self.metered(method, tail)
+        # A deployment path needs no "model" in the body and is priced by its name.
+        return self.describe(found.endpoint.name, body, payload, model=found.params.get("deployment"))

@@ -10,21 +10,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
-from ..pricing import ProviderPricing, Usage
-from .sse import SSESplitter
+from .. import paths
+from ..bearer import bearer_token
+from ..errors import ProxyError
+from ..paths import EndpointTable, Found
+from ..pricing import ProviderPricing, ServiceTier, Usage
+from .sse import EventSplitter, SSESplitter
 
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+        "Content-Encoding",
     )
 )
 # Sent upstream by aiohttp itself; a client's own Accept-Encoding would make the proxy
@@ -34,42 +48,46 @@ _CLIENT_ONLY = frozenset({"accept-encoding", "cookie"})
 BYTES_PER_TOKEN = 4
 # Tokens a chat template adds around a request beyond its text (role markers etc.).
 TEMPLATE_OVERHEAD_TOKENS = 64
+#: the largest token count read from an upstream's usage (any larger one is taken as this)
+MAX_REPORTED_TOKENS = 2**31 - 1
 
 
-class ProxyError(Exception):
-    """A refusal the proxy answers itself, rendered in the route's provider error shape."""
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A path this provider knows, as :meth:`Provider.route` matched it."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        reason: str | None = None,
-        should_retry: bool = False,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.reason = reason or code
-        self.should_retry = should_retry
-        self.headers = headers or {}
+    #: the path after the route prefix in canonical form: what is forwarded and inspected
+    tail: str
+    #: passed through unmetered (model listings, token counts)
+    free: bool
 
 
 @dataclass(slots=True)
 class Call:
-    """A metered request as the provider module understood it."""
+    """A metered request as the provider module understood it.
+
+    Every count in it is a bounded integer (see :mod:`proxy.providers.fields`); the hold
+    is ``choices`` × the output limit (at most the model's cap) plus the prompt's bound.
+    """
 
     model: str
+    #: which of the provider's metered endpoints (``chat``, ``responses``, ``converse``, ...)
+    endpoint: str
     stream: bool
+    #: the output limit of ONE choice as the request gives it (1 .. 2**31 - 1; 0 for
+    #: embeddings, which generate nothing), or None if it gives none
     max_output_tokens: int | None
     body: bytes
     prompt_upper_bound: int
-    service_tier: str | None = None
-    batch: bool = False
-    options: dict[str, Any] = field(default_factory=dict)
+    #: the tier the request asks for (flex, priority; None: the standard prices)
+    service_tier: ServiceTier | None = None
+    #: the proxy added ``stream_options.include_usage`` (OpenAI wire): strip what it adds
+    usage_injected: bool = False
+    #: how many answers the request can produce (``n``, ``best_of``, ``candidateCount``;
+    #: 1 .. 128): each may use up to the output limit
+    choices: int = 1
+    #: where the request sets its output limit, for error messages that tell how to fit
+    limit_field: str = "max_tokens"
 
 
 class StreamMeter:
@@ -83,7 +101,7 @@ class StreamMeter:
         self.call = call
         self.usage: Usage | None = None
         self.generated_chars = 0
-        self._splitter = SSESplitter()
+        self._splitter: EventSplitter = SSESplitter()
 
     def feed(self, chunk: bytes) -> bytes:
         for event in self._splitter.feed(chunk):
@@ -96,7 +114,8 @@ class StreamMeter:
             self.on_event(rest)
         return b""
 
-    def on_event(self, event: bytes) -> None:  # pragma: no cover - overridden
+    def on_event(self, event: bytes) -> None:
+        """Read one whole SSE event (its terminator included)."""
         raise NotImplementedError
 
     def estimate(self) -> Usage:
@@ -118,6 +137,8 @@ class Provider:
     """Base class of provider modules; one instance per configured provider name."""
 
     wire: ClassVar[str]
+    #: the endpoints forwarded (anything else is a 404 and reaches no upstream)
+    endpoints: ClassVar[EndpointTable]
     #: header names that may carry the caller's proxy key (removed before forwarding)
     credential_headers: ClassVar[tuple[str, ...]] = ("authorization",)
 
@@ -132,10 +153,7 @@ class Provider:
     # credentials ------------------------------------------------------------------------
     def caller_key(self, request: web.Request) -> str | None:
         """The proxy key the caller sent, wherever this provider's SDK puts it."""
-        auth = request.headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip() or None
-        return None
+        return bearer_token(request.headers.get("Authorization"))
 
     def upstream_headers(self, incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         """The caller's headers minus hop-by-hop ones and credentials, plus the operator's key."""
@@ -147,23 +165,37 @@ class Provider:
     def add_credential(self, headers: CIMultiDict[str]) -> None:
         headers["Authorization"] = f"Bearer {self.api_key}"
 
-    def upstream_url(self, tail: str, query_string: str) -> str:
-        """Where the request goes: base URL + the path after the route prefix + the query."""
-        return f"{self.base_url}/{tail}" + (f"?{query_string}" if query_string else "")
+    def upstream_url(self, tail: str, query_string: str) -> URL:
+        """Where the request goes: base URL + the canonical tail (:meth:`route`) + the
+        query, as an already-encoded URL that nothing normalises again."""
+        return paths.upstream_url(self.base_url, tail, query_string)
 
     def prepare(
         self, method: str, tail: str, query_string: str, incoming: CIMultiDictProxy[str], body: bytes
-    ) -> tuple[str, CIMultiDict[str]]:
+    ) -> tuple[URL, CIMultiDict[str]]:
         """URL and headers of the upstream request; override to sign requests (e.g. SigV4)."""
         return self.upstream_url(tail, query_string), self.upstream_headers(incoming)
 
     # requests ----------------------------------------------------------------------------
-    def is_free(self, method: str, tail: str) -> bool:
-        """Requests passed through unmetered (model listings, token counting)."""
-        return False
+    def route(self, method: str, raw_tail: str) -> Route:
+        """The known endpoint that ``raw_tail`` (the path after ``/<name>/``, still
+        percent-encoded as the client sent it) names, with the path in canonical form;
+        a 404 ``unsupported_endpoint`` :class:`ProxyError` for anything else, malformed
+        paths included (see :mod:`proxy.paths`)."""
+        found = self.endpoints.find(method, raw_tail, self.name)
+        return Route(found.tail, found.free)
+
+    def metered(self, method: str, tail: str) -> Found:
+        """The metered endpoint ``tail`` names, or a 404 (a free or unknown one)."""
+        found = self.endpoints.find(method, tail, self.name)
+        if found.free:
+            raise self.endpoints.not_found(method, tail, self.name, "it is not metered")
+        return found
 
     def inspect(self, method: str, tail: str, body: bytes, payload: Any) -> Call:
-        """Describe a metered request, or raise :class:`ProxyError` if it is not one."""
+        """Describe a metered request (``tail`` as :meth:`route` returned it), or raise
+        :class:`ProxyError`: a 404 if it is not a metered endpoint, a 400 for a body
+        the gateway cannot hold a bounded amount for (see :mod:`.fields`)."""
         raise NotImplementedError
 
     # responses ---------------------------------------------------------------------------
@@ -184,7 +216,8 @@ class Provider:
     def stream_meter(self, call: Call) -> StreamMeter:
         raise NotImplementedError
 
-    def error_payload(self, status: int, code: str, message: str) -> dict[str, Any]:
+    def error_payload(self, error: ProxyError) -> dict[str, Any]:
+        """The body of a refusal in this provider's error shape."""
         raise NotImplementedError
 
     def error_response(self, error: ProxyError) -> web.Response:
@@ -192,29 +225,44 @@ class Provider:
         headers = {"x-should-retry": "true" if error.should_retry else "false", **error.headers}
         return web.Response(
             status=error.status,
-            body=orjson.dumps(self.error_payload(error.status, error.code, error.message)),
+            body=orjson.dumps(self.error_payload(error)),
             content_type="application/json",
             headers=headers,
         )
 
 
+def token_count(value: Any) -> int:
+    """A token count as an upstream reported it, made safe to price: an integer from 0 to
+    :data:`MAX_REPORTED_TOKENS`. Negative numbers, booleans, null, objects and text that is
+    not a decimal integer count 0; a number with a fraction is rounded up; anything above
+    the bound counts as the bound. So a charge is always an integer ≥ 0, whatever the
+    upstream says."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return min(max(value, 0), MAX_REPORTED_TOKENS)
+    if isinstance(value, float):
+        if not value > 0:  # negative, zero or NaN
+            return 0
+        return MAX_REPORTED_TOKENS if value >= MAX_REPORTED_TOKENS else math.ceil(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            return MAX_REPORTED_TOKENS if len(text) > 10 else min(int(text), MAX_REPORTED_TOKENS)
+    return 0
+
+
+def as_object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one: for reading upstream answers,
+    whose shape the proxy never trusts."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    """``value`` if it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def prompt_upper_bound(body: bytes) -> int:
     """An upper bound on a text prompt's tokens: every token is at least one byte."""
     return len(body) + TEMPLATE_OVERHEAD_TOKENS
-
-
-def require_model(payload: Any) -> str:
-    """The ``model`` field of a JSON request, or a 400."""
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not isinstance(model, str) or not model:
-        raise ProxyError(400, "missing_model", "The request body must name a model in its \"model\" field.")
-    return model
-
-
-def optional_int(payload: dict[str, Any], *names: str) -> int | None:
-    """The first of ``names`` present in the payload as a positive integer."""
-    for name in names:
-        value = payload.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None

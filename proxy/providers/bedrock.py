@@ -25,32 +25,52 @@ botocore is imported lazily, when a Bedrock request comes: other providers run w
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from ..pricing import Usage
-from .base import Call, Provider, ProxyError, StreamMeter, optional_int, prompt_upper_bound
-from .bedrock_usage import EventStreamMeter, get_in, usage_from_converse, usage_from_headers, usage_from_invoke
+from ..errors import ProxyError
+from ..paths import Endpoint, EndpointTable
+from ..pricing import ServiceTier, Usage, priced_service_tier
+from .base import Call, Provider, StreamMeter, prompt_upper_bound
+from .bedrock_usage import EventStreamMeter, usage_from_converse, usage_from_headers, usage_from_invoke
+from .fields import choice_count, optional_object, optional_str, require_object, token_limit
 
-_ROUTE = re.compile(r"model/(?P<model>.+)/(?P<action>converse|converse-stream|invoke|invoke-with-response-stream|count-tokens)")
+# A model id, or an ARN (arn:aws:bedrock:REGION:ACCOUNT:inference-profile/ID, ...), which
+# boto3 sends with its "/" encoded as %2F: the one place a path segment may hold a "/".
+_MODEL_ID = r"[^/]+|arn:[^/]+(?:/[^/]+)+"
 _METERED = {"converse": False, "converse-stream": True, "invoke": False, "invoke-with-response-stream": True}
+
+
+def _endpoint(action: str, free: bool = False) -> Endpoint:
+    return Endpoint(
+        "POST", f"model/{{modelId}}/{action}", action, free=free, patterns={"modelId": _MODEL_ID}, slashes=frozenset({"modelId"})
+    )
+
+
+ENDPOINTS = EndpointTable([*(_endpoint(action) for action in _METERED), _endpoint("count-tokens", free=True)])
 _SIGV4_KEY = re.compile(r"AWS4-HMAC-SHA256\s+Credential=([^/,\s]+)/")
 _REGION_IN_HOST = re.compile(r"bedrock-runtime(?:-fips)?\.([a-z0-9-]+)\.(?:vpce\.)?amazonaws\.com")
 # InvokeModel's price-changing options travel as headers the gate never sees: they are not
 # forwarded, so the request runs, and is billed, at the standard price.
 _UNPRICED_HEADERS = ("X-Amzn-Bedrock-Service-Tier", "X-Amzn-Bedrock-PerformanceConfig-Latency")
-_PRICED_TIERS = frozenset({"flex", "priority"})
 _ERROR_TYPES = {
-    400: "ValidationException", 401: "UnrecognizedClientException", 403: "AccessDeniedException",
-    404: "ResourceNotFoundException", 413: "ValidationException", 429: "ThrottlingException",
-    502: "ServiceUnavailableException", 503: "ServiceUnavailableException", 504: "ModelTimeoutException",
+    400: "ValidationException",
+    401: "UnrecognizedClientException",
+    403: "AccessDeniedException",
+    404: "ResourceNotFoundException",
+    413: "ValidationException",
+    429: "ThrottlingException",
+    502: "ServiceUnavailableException",
+    503: "ServiceUnavailableException",
+    504: "ModelTimeoutException",
 }
 
 
@@ -59,32 +79,47 @@ def model_id(raw: str) -> str:
     return raw.rsplit("/", 1)[-1] if raw.startswith("arn:") else raw
 
 
-def _nested_int(payload: dict[str, Any], section: str, name: str) -> int | None:
-    return optional_int({name: get_in(payload, section, name)}, name)
+def _invoke_limits(payload: dict[str, Any]) -> tuple[int | None, int]:
+    """(output limit, choices) of a model-native InvokeModel body: the largest of the
+    limits the model families name (Claude, Mistral, Cohere ``max_tokens``; OpenAI-format
+    ``max_completion_tokens``; Llama ``max_gen_len``; ``max_new_tokens``; Nova
+    ``inferenceConfig.max_new_tokens``; Titan ``textGenerationConfig.maxTokenCount``) and
+    of the counts of answers (``n``, Cohere ``num_generations``), each checked."""
+    limits = [
+        token_limit(payload, "max_tokens", "max_completion_tokens", "max_gen_len", "max_new_tokens"),
+        token_limit(optional_object(payload, "inferenceConfig"), "max_new_tokens", within="inferenceConfig."),
+        token_limit(optional_object(payload, "textGenerationConfig"), "maxTokenCount", within="textGenerationConfig."),
+    ]
+    given = [limit for limit in limits if limit is not None]
+    return (max(given) if given else None), choice_count(payload, "n", "num_generations")
 
 
-def _invoke_max_tokens(payload: dict[str, Any]) -> int | None:
-    """The output cap of a model-native InvokeModel body (Claude, Llama, Mistral, Nova, Titan)."""
-    return (
-        optional_int(payload, "max_tokens", "max_gen_len", "max_new_tokens")
-        or _nested_int(payload, "inferenceConfig", "max_new_tokens")
-        or _nested_int(payload, "textGenerationConfig", "maxTokenCount")
-    )
+def _converse_options(payload: dict[str, Any]) -> tuple[int | None, ServiceTier | None]:
+    """(``inferenceConfig.maxTokens``, priced service tier) of a Converse body; a 400 for
+    wrong types and for latency-optimized inference, which is priced above the standard rate."""
+    latency = optional_str(optional_object(payload, "performanceConfig"), "latency", "performanceConfig.")
+    if latency == "optimized":
+        raise ProxyError(
+            400,
+            "unsupported_option",
+            "Latency-optimized inference (performanceConfig.latency: optimized) is priced above the "
+            "standard rate and is not available through this gateway; leave it out.",
+        )
+    tier = optional_str(optional_object(payload, "serviceTier"), "type", "serviceTier.")
+    max_out = token_limit(optional_object(payload, "inferenceConfig"), "maxTokens", within="inferenceConfig.")
+    return max_out, priced_service_tier(tier)
 
 
 def _require_botocore() -> None:
-    try:
-        import botocore  # noqa: F401
-    except ImportError:
-        raise ProxyError(
-            503, "bedrock_unavailable", "Bedrock is not available on this gateway (botocore is not installed).",
-        ) from None
+    if importlib.util.find_spec("botocore") is None:
+        raise ProxyError(503, "bedrock_unavailable", "Bedrock is not available on this gateway (botocore is not installed).")
 
 
 class BedrockProvider(Provider):
     """Amazon Bedrock runtime, reached with ``boto3.client("bedrock-runtime", endpoint_url=...)``."""
 
     wire = "bedrock"
+    endpoints = ENDPOINTS
     credential_headers = ("authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256")
 
     def __init__(self, name: str, base_url: str, api_key: str):
@@ -92,7 +127,9 @@ class BedrockProvider(Provider):
         self.secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or None
         self.session_token = os.environ.get("AWS_SESSION_TOKEN") or None
         in_host = _REGION_IN_HOST.search(urlsplit(self.base_url).hostname or "")
-        self.region = in_host[1] if in_host else os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.region = (
+            in_host[1] if in_host else os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
 
     # credentials ------------------------------------------------------------------------
     def caller_key(self, request: web.Request) -> str | None:
@@ -109,19 +146,13 @@ class BedrockProvider(Provider):
         if self.secret_key is None:
             headers["Authorization"] = f"Bearer {self.api_key}"
 
-    def upstream_url(self, tail: str, query_string: str) -> str:
-        route = _ROUTE.fullmatch(tail)
-        if route:  # the model id arrived percent-encoded (an ARN holds "/") and was decoded
-            tail = f"model/{quote(route['model'], safe='')}/{route['action']}"
-        # aiohttp sends the URL as yarl normalises it, so that is the form to sign.
-        return str(URL(super().upstream_url(tail, query_string)))
-
     def prepare(
         self, method: str, tail: str, query_string: str, incoming: CIMultiDictProxy[str], body: bytes
-    ) -> tuple[str, CIMultiDict[str]]:
+    ) -> tuple[URL, CIMultiDict[str]]:
+        """The URL is sent exactly as built (an ARN's "/" stays %2F), so that is the form signed."""
         url, headers = super().prepare(method, tail, query_string, incoming, body)
         if self.secret_key is not None:
-            self._sign(method, url, headers, body)
+            self._sign(method, str(url), headers, body)
         return url, headers
 
     def _sign(self, method: str, url: str, headers: CIMultiDict[str], body: bytes) -> None:
@@ -137,45 +168,34 @@ class BedrockProvider(Provider):
                 headers[name] = request.headers[name]
 
     # requests ----------------------------------------------------------------------------
-    def is_free(self, method: str, tail: str) -> bool:
-        route = _ROUTE.fullmatch(tail)
-        return method == "POST" and route is not None and route["action"] == "count-tokens"
-
     def inspect(self, method: str, tail: str, body: bytes, payload: Any) -> Call:
-        route = _ROUTE.fullmatch(tail)
-        if route is None or method != "POST" or route["action"] not in _METERED:
-            raise ProxyError(
-                404, "unsupported_endpoint",
-                f"{method} /{self.name}/{tail} is not available through this gateway; metered endpoints are "
-                f"POST /{self.name}/model/{{modelId}}/(converse|converse-stream|invoke|invoke-with-response-stream).",
-            )
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "invalid_body", "The request body must be a JSON object.")
+        """Converse reads ``inferenceConfig.maxTokens``, ``serviceTier.type`` and
+        ``performanceConfig.latency``; InvokeModel the model-native limits and counts
+        (:func:`_invoke_limits`). Each is checked (:mod:`.fields`)."""
+        found = self.metered(method, tail)
+        payload = require_object(payload)
         _require_botocore()
-        action = route["action"]
-        converse = action.startswith("converse")
-        tier = None
-        if converse:
-            if get_in(payload, "performanceConfig", "latency") == "optimized":
-                raise ProxyError(
-                    400, "unsupported_option",
-                    "Latency-optimized inference (performanceConfig.latency: optimized) is priced above the "
-                    "standard rate and is not available through this gateway; leave it out.",
-                )
-            tier = get_in(payload, "serviceTier", "type")
+        action = found.endpoint.name
+        choices, tier = 1, None
+        if action.startswith("converse"):
+            max_out, tier = _converse_options(payload)
+        else:
+            max_out, choices = _invoke_limits(payload)
         return Call(
-            model=model_id(route["model"]),
+            model=model_id(found.params["modelId"]),
+            endpoint=action,
             stream=_METERED[action],
-            max_output_tokens=_nested_int(payload, "inferenceConfig", "maxTokens") if converse else _invoke_max_tokens(payload),
+            max_output_tokens=max_out,
             body=body,
             prompt_upper_bound=prompt_upper_bound(body),
-            service_tier=tier if tier in _PRICED_TIERS else None,
-            options={"api": "converse" if converse else "invoke"},
+            service_tier=tier,
+            choices=choices,
+            limit_field="inferenceConfig.maxTokens" if action.startswith("converse") else "max_tokens",
         )
 
     # responses ---------------------------------------------------------------------------
     def usage_from_body(self, call: Call, payload: Any) -> Usage | None:
-        if call.options["api"] == "converse":
+        if call.endpoint.startswith("converse"):
             return usage_from_converse(payload.get("usage")) if isinstance(payload, dict) else None
         return usage_from_invoke(payload)
 
@@ -186,16 +206,17 @@ class BedrockProvider(Provider):
     def stream_meter(self, call: Call) -> StreamMeter:
         return EventStreamMeter(call)
 
-    def error_payload(self, status: int, code: str, message: str) -> dict[str, Any]:
-        return {"message": message}
+    def error_payload(self, error: ProxyError) -> dict[str, Any]:
+        return {"message": error.message}
 
     def error_response(self, error: ProxyError) -> web.Response:
         """Bedrock's error shape: ``{"message"}`` with the type in ``x-amzn-ErrorType``."""
         response = super().error_response(error)
         kind = _ERROR_TYPES.get(error.status, "InternalServerException")
-        if error.status == 429 and not error.should_retry:
-            # A spent monthly quota: Bedrock's own quota error (400), which boto3 does not retry.
+        if error.quota_spent:
+            # Bedrock's own quota error, which boto3 does not retry (a 400 in place of a 429).
             kind = "ServiceQuotaExceededException"
-            response.set_status(400)
+            if error.status == 429:
+                response.set_status(400)
         response.headers["x-amzn-ErrorType"] = kind
         return response

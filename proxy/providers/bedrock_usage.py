@@ -21,32 +21,32 @@ import orjson
 
 from ..pricing import Usage
 from .anthropic import ClaudeStreamUsage, usage_from_anthropic
-from .base import Call, StreamMeter
+from .base import Call, StreamMeter, as_list, token_count
 from .openai import usage_from_openai
 
 # (input, output, cache read, cache write) under each naming Bedrock uses
 _CONVERSE = ("inputTokens", "outputTokens", "cacheReadInputTokens", "cacheWriteInputTokens")
 _NOVA = ("inputTokens", "outputTokens", "cacheReadInputTokenCount", "cacheWriteInputTokenCount")
 _METRICS = ("inputTokenCount", "outputTokenCount", "cacheReadInputTokenCount", "cacheWriteInputTokenCount")
-_HEADERS = tuple(
-    f"x-amzn-bedrock-{kind}-token-count" for kind in ("input", "output", "cache-read-input", "cache-write-input")
-)
+_HEADERS = tuple(f"x-amzn-bedrock-{kind}-token-count" for kind in ("input", "output", "cache-read-input", "cache-write-input"))
 _LLAMA = ("prompt_token_count", "generation_token_count")
 
 
 def _counted(source: Mapping[str, Any], names: tuple[str, ...], write_1h: int = 0) -> Usage | None:
-    """Usage from four (or two) counters named ``names``; None unless the input count is there."""
+    """Usage from four (or two) counters named ``names``; None unless the input count is
+    there. Every count through :func:`~.base.token_count`: never negative nor fractional
+    (header values are decimal text)."""
     if names[0] not in source:
         return None
-    try:
-        inp, out, *cache = (int(source.get(name) or 0) for name in names)
-    except (TypeError, ValueError):
-        return None
+    inp, out, *cache = (token_count(source.get(name)) for name in names)
     read, write = cache or (0, 0)
     write_1h = min(write_1h, write)
     return Usage(
-        input_tokens=inp, output_tokens=out, cached_input_tokens=read,
-        cache_write_tokens=write - write_1h, cache_write_1h_tokens=write_1h,
+        input_tokens=inp,
+        output_tokens=out,
+        cached_input_tokens=read,
+        cache_write_tokens=write - write_1h,
+        cache_write_1h_tokens=write_1h,
     )
 
 
@@ -54,8 +54,8 @@ def usage_from_converse(usage: Any) -> Usage | None:
     """Usage from a Converse ``usage`` object (also ConverseStream's ``metadata`` event)."""
     if not isinstance(usage, dict):
         return None
-    details = usage.get("cacheDetails") or ()
-    write_1h = sum(d.get("inputTokens") or 0 for d in details if isinstance(d, dict) and d.get("ttl") == "1h")
+    details = as_list(usage.get("cacheDetails"))
+    write_1h = sum(token_count(d.get("inputTokens")) for d in details if isinstance(d, dict) and d.get("ttl") == "1h")
     return _counted(usage, _CONVERSE, write_1h)
 
 
@@ -97,7 +97,9 @@ def _delta_chars(delta: Any) -> int:
 def _chunk_chars(chunk: dict[str, Any]) -> int:
     """Text generated in a model-native stream chunk (Claude, Llama, Titan)."""
     delta = chunk.get("delta")
-    return _text_length(chunk.get("generation"), chunk.get("outputText"), *(get_in(delta, f) for f in ("text", "thinking", "partial_json")))
+    return _text_length(
+        chunk.get("generation"), chunk.get("outputText"), *(get_in(delta, f) for f in ("text", "thinking", "partial_json"))
+    )
 
 
 class EventStreamMeter(StreamMeter):

@@ -16,7 +16,7 @@ _IN_STRING = re.compile(rb'["\\]')
 class JSONArraySplitter:
     """Feed raw chunks; get back the top-level objects completed so far, as bytes."""
 
-    __slots__ = ("_buf", "_scan", "_depth", "_in_string")
+    __slots__ = ("_buf", "_depth", "_in_string", "_scan")
 
     def __init__(self) -> None:
         self._buf = bytearray()  # from the start of the object being read (or empty)

@@ -30,7 +30,7 @@ BUILTIN_URLS: dict[str, str] = {
 }
 
 
-def build_providers(prices: PriceBook, settings: Settings) -> dict[str, Provider]:
+def build_providers(settings: Settings, prices: PriceBook) -> dict[str, Provider]:
     """One provider instance per entry of ``pricing.yaml``, with its upstream URL and key."""
     built = {}
     for name, entry in prices.providers.items():

@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class EventSplitter(Protocol):
+    """Cuts a byte stream into whole events (SSE events, or a JSON array's objects)."""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events completed by ``chunk``."""
+        ...
+
+    def rest(self) -> bytes:
+        """What is left of an event the stream ended without finishing."""
+        ...
 
 
 class SSESplitter:
@@ -33,9 +46,5 @@ class SSESplitter:
 
 def event_data(event: bytes) -> bytes:
     """The joined ``data:`` payload of one event (empty if it has none)."""
-    lines = [
-        line[5:].lstrip(b" ") if line.startswith(b"data:") else None
-        for line in event.splitlines()
-    ]
+    lines = [line[5:].lstrip(b" ") if line.startswith(b"data:") else None for line in event.splitlines()]
     return b"\n".join(line for line in lines if line is not None)
-
