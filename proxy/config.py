@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -16,6 +18,9 @@ from . import metrics
 from .pricing import PriceBook, PricingFile
 from .providers import registry
 from .tiers import TiersFile, model_matches
+
+if TYPE_CHECKING:
+    from .providers.base import Provider
 
 log = logging.getLogger("costproxy.config")
 #: libyaml when PyYAML was built with it (22 ms instead of 118 ms for the shipped files), else pure Python
@@ -34,23 +39,34 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Config:
-    """A validated pair of pricing and tiers, swapped as a whole on reload."""
+    """A validated pair of pricing and tiers, swapped as a whole on reload, with the
+    provider instances built for that pricing (empty where no process needs them)."""
 
     prices: PriceBook
     tiers: TiersFile
+    providers: Mapping[str, Provider] = field(default_factory=dict)
+
+
+#: builds the provider instances of a price book (see :func:`proxy.providers.registry.build_providers`)
+ProviderFactory = Callable[[PriceBook], Mapping[str, "Provider"]]
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
-def _parse(path: Path, model: type[M]) -> M:
+def _read(path: Path) -> bytes:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+
+
+def _parse(path: Path, raw: bytes, model: type[M]) -> M:
     try:
-        data = yaml.load(text, Loader=_SAFE_LOADER)
+        data = yaml.load(raw.decode("utf-8"), Loader=_SAFE_LOADER)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -63,6 +79,12 @@ def _parse(path: Path, model: type[M]) -> M:
             value = f" (got {err['input']!r})" if err["type"] != "missing" and not isinstance(err["input"], dict) else ""
             problems.append(f"{path}: {_dotted(err['loc'])}: {err['msg']}{value}")
         raise ConfigError(problems) from None
+
+
+def parse_price_book(source: bytes, origin: str) -> PriceBook:
+    """``pricing.yaml`` content as a validated price book (its version that of ``source``);
+    :class:`ConfigError` naming ``origin`` if it is not valid."""
+    return PriceBook(_parse(Path(origin), source, PricingFile), source)
 
 
 def _cross_check(pricing_path: Path, tiers_path: Path, prices: PriceBook, tiers: TiersFile) -> list[str]:
@@ -93,17 +115,20 @@ def _cross_check(pricing_path: Path, tiers_path: Path, prices: PriceBook, tiers:
 
 
 def load_config(pricing_path: Path, tiers_path: Path) -> Config:
-    """Read and validate both files; raise :class:`ConfigError` listing every problem."""
+    """Read and validate both files; raise :class:`ConfigError` listing every problem. The
+    price book is versioned by the pricing file's bytes as read (:attr:`PriceBook.version`)."""
     problems: list[str] = []
     parsed: dict[str, Any] = {}
+    raw: dict[str, bytes] = {}
     for key, path, model in (("pricing", pricing_path, PricingFile), ("tiers", tiers_path, TiersFile)):
         try:
-            parsed[key] = _parse(path, model)
+            raw[key] = _read(path)
+            parsed[key] = _parse(path, raw[key], model)
         except ConfigError as exc:
             problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    prices = PriceBook(parsed["pricing"])
+    prices = PriceBook(parsed["pricing"], raw["pricing"])
     problems = _cross_check(pricing_path, tiers_path, prices, parsed["tiers"])
     if problems:
         raise ConfigError(problems)
@@ -111,14 +136,29 @@ def load_config(pricing_path: Path, tiers_path: Path) -> Config:
 
 
 class ConfigStore:
-    """Holds the running config and swaps in edits that validate; keeps the last good one."""
+    """Holds the running config and swaps in edits that validate; keeps the last good one.
 
-    def __init__(self, pricing_path: Path, tiers_path: Path):
+    With ``providers``, every config it loads carries the provider instances built for it.
+    ``price_loads`` has every price version it has loaded, with the book and when it was
+    last loaded (what :func:`proxy.price_versions.record_versions` stores in Postgres).
+    """
+
+    def __init__(self, pricing_path: Path, tiers_path: Path, providers: ProviderFactory | None = None):
         self.pricing_path = pricing_path
         self.tiers_path = tiers_path
+        self._providers = providers
+        self.price_loads: dict[str, tuple[PriceBook, datetime]] = {}
         self._stamp = self._read_stamp()
-        self.current = load_config(pricing_path, tiers_path)
+        self.current = self._load()
         metrics.CONFIG_RELOAD_OK.set(1)
+
+    def _load(self) -> Config:
+        config = load_config(self.pricing_path, self.tiers_path)
+        if self._providers:
+            config = replace(config, providers=self._providers(config.prices))
+        # One assignment: the event loop may read the dict while a reload runs in a thread.
+        self.price_loads[config.prices.version] = (config.prices, datetime.now(UTC))
+        return config
 
     def _read_stamp(self) -> tuple[tuple[int, int], ...]:
         stamps = []
@@ -132,12 +172,15 @@ class ConfigStore:
 
     def reload_if_changed(self) -> bool:
         """Reload when either file changed on disk; return True if a new config is live."""
-        stamp = self._read_stamp()
-        if stamp == self._stamp:
+        if self._read_stamp() == self._stamp:
             return False
-        self._stamp = stamp
+        return self.reload()
+
+    def reload(self) -> bool:
+        """Read both files now (SIGHUP); True if a new config is live, False if an edit was rejected."""
+        self._stamp = self._read_stamp()
         try:
-            self.current = load_config(self.pricing_path, self.tiers_path)
+            self.current = self._load()
         except ConfigError as exc:
             metrics.CONFIG_RELOAD_OK.set(0)
             metrics.CONFIG_RELOADS.labels(result="error").inc()

@@ -8,16 +8,19 @@ lookups for ``KEY_CACHE_SECONDS``: a revoked key stops working everywhere within
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
-from dataclasses import dataclass
-
-from redis.asyncio import Redis
+from dataclasses import dataclass, replace
 
 from .ledger import Ledger
+from .ledger.scripts import text
+from .redis_url import RedisClient
 
 KEY_PREFIX = "cpk-"
 _CACHE_LIMIT = 100_000
+#: what every key generate_key() issues looks like; anything else is unknown without a lookup
+_KEY_SHAPE = re.compile(r"cpk-[A-Za-z0-9_-]{43}")
 
 
 def generate_key() -> str:
@@ -37,12 +40,14 @@ class Identity:
     user_id: str
     key_id: str
     tier: str
+    #: the hash the key is cached and mirrored under
+    key_hash: str
 
 
 class KeyMirror:
     """The Redis copy of active keys, written by the account service."""
 
-    def __init__(self, redis: Redis, prefix: str):
+    def __init__(self, redis: RedisClient, prefix: str):
         self.redis = redis
         self.prefix = prefix
 
@@ -58,7 +63,7 @@ class KeyMirror:
 
     async def get(self, key_hash: str) -> tuple[str, str] | None:
         found = await self.redis.hmget(self._key(key_hash), "user", "key")
-        return (found[0].decode(), found[1].decode()) if found[0] and found[1] else None
+        return (text(found[0]), text(found[1])) if found[0] and found[1] else None
 
     async def expire(self, key_hash: str, after_ms: int) -> None:
         """Let a key's entry lapse after ``after_ms`` (the end of a rotation's overlap)."""
@@ -75,7 +80,11 @@ class KeyCache:
         self._entries: dict[str, tuple[float, Identity | None]] = {}
 
     async def lookup(self, key: str) -> Identity | None:
-        """The identity of a proxy key, or None if it is unknown or revoked."""
+        """The identity of a proxy key, or None if it is unknown or revoked. A string that
+        is not shaped like an issued key (any bytes a caller sends) is unknown at once: no
+        Redis call, no cache entry."""
+        if not _KEY_SHAPE.fullmatch(key):
+            return None
         key_hash = hash_key(key)
         now = time.monotonic()
         hit = self._entries.get(key_hash)
@@ -84,16 +93,16 @@ class KeyCache:
         identity = None
         owner = await self.mirror.get(key_hash)
         if owner is not None:
-            tier = await self.ledger.redis.hget(self.ledger.account_key(owner[0]), "tier")
+            tier = await self.ledger.redis.hget(self.ledger.keys.account(owner[0]), "tier")
             if tier is not None:
-                identity = Identity(user_id=owner[0], key_id=owner[1], tier=tier.decode())
-        if len(self._entries) >= _CACHE_LIMIT:
-            self._entries.clear()
+                identity = Identity(user_id=owner[0], key_id=owner[1], tier=text(tier), key_hash=key_hash)
+        if len(self._entries) >= _CACHE_LIMIT:  # the oldest entry goes, not every entry
+            del self._entries[next(iter(self._entries))]
         self._entries[key_hash] = (now + self.ttl, identity)
         return identity
 
-    def retier(self, key: str, identity: Identity, tier: str) -> Identity:
+    def retier(self, identity: Identity, tier: str) -> Identity:
         """Remember that the account's tier changed (learned from the admission script)."""
-        updated = Identity(identity.user_id, identity.key_id, tier)
-        self._entries[hash_key(key)] = (time.monotonic() + self.ttl, updated)
+        updated = replace(identity, tier=tier)
+        self._entries[identity.key_hash] = (time.monotonic() + self.ttl, updated)
         return updated

@@ -8,11 +8,11 @@ up to the next micro-dollar once.
 
 from __future__ import annotations
 
-import math
+import hashlib
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from fractions import Fraction
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -23,12 +23,58 @@ _SNAPSHOT_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 
 
 def _at_most_six_decimals(value: Decimal) -> Decimal:
-    if value.as_tuple().exponent < -6:  # type: ignore[operator]
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -6:
         raise ValueError(f"{value} has more than 6 decimals; prices are exact to 1e-6 $ per 1M tokens")
     return value
 
 
 Price = Annotated[Decimal, Field(ge=0), AfterValidator(_at_most_six_decimals)]
+
+
+def _pico(per_million: Decimal | None, unset: int = 0) -> int:
+    """Dollars per million tokens as integer pico-dollars per token (``unset`` if None)."""
+    return unset if per_million is None else int(per_million * PICO_PER_MICRO)
+
+
+class PriceSetName(StrEnum):
+    """Which of a model's price sets a request pays."""
+
+    STANDARD = "standard"
+    LONG_CONTEXT = "long_context"
+    FLEX = "flex"
+    PRIORITY = "priority"
+
+
+class ServiceTier(StrEnum):
+    """A provider's processing tier, as requests name it and answers report it."""
+
+    DEFAULT = "default"  # the standard prices
+    FLEX = "flex"
+    PRIORITY = "priority"
+
+    @property
+    def priced_apart(self) -> bool:
+        """Whether a model may have prices of its own for this tier (``service_tiers``)."""
+        return self is not ServiceTier.DEFAULT
+
+
+def known_service_tier(value: object) -> ServiceTier | None:
+    """The tier ``value`` names (case and a ``service_tier_`` prefix ignored); None for
+    anything else, so only known names are ever recorded."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return ServiceTier(value.lower().removeprefix("service_tier_"))
+    except ValueError:
+        return None
+
+
+def priced_service_tier(value: object) -> ServiceTier | None:
+    """The tier ``value`` names if a model may price it apart (flex, priority); None for
+    the standard tier and for anything unknown, which pay the standard prices."""
+    tier = known_service_tier(value)
+    return tier if tier is not None and tier.priced_apart else None
 
 
 class _Strict(BaseModel):
@@ -44,17 +90,17 @@ class PriceSet(_Strict):
     cache_write_per_1m: Price | None = None
     cache_write_1h_per_1m: Price | None = None
 
-    def pico(self) -> "PicoPrices":
-        """The same prices as integer pico-dollars per token; unset kinds cost input price."""
-        to_pico = lambda d: int(d * PICO_PER_MICRO)  # noqa: E731
-        inp = to_pico(self.input_per_1m)
-        opt = lambda d: inp if d is None else to_pico(d)  # noqa: E731
+    def pico(self, name: PriceSetName) -> PicoPrices:
+        """The same prices as integer pico-dollars per token, as the price set ``name``;
+        unset kinds cost input price."""
+        inp = _pico(self.input_per_1m)
         return PicoPrices(
             input=inp,
-            output=to_pico(self.output_per_1m),
-            cached_input=opt(self.cached_input_per_1m),
-            cache_write=opt(self.cache_write_per_1m),
-            cache_write_1h=opt(self.cache_write_1h_per_1m),
+            output=_pico(self.output_per_1m),
+            cached_input=_pico(self.cached_input_per_1m, inp),
+            cache_write=_pico(self.cache_write_per_1m, inp),
+            cache_write_1h=_pico(self.cache_write_1h_per_1m, inp),
+            name=name,
         )
 
 
@@ -70,7 +116,6 @@ class ModelPrice(PriceSet):
     max_output_tokens: int | None = Field(default=None, gt=0)
     long_context: LongContext | None = None
     service_tiers: dict[Literal["flex", "priority"], PriceSet] = Field(default_factory=dict)
-    batch_discount: Annotated[Decimal, Field(gt=0, le=1)] | None = None
 
 
 class ProviderPricing(_Strict):
@@ -83,11 +128,14 @@ class ProviderPricing(_Strict):
     #: stream reports usage; ``always``: the provider reports usage in every stream and
     #: rejects that field (Mistral), so requests go upstream unchanged.
     stream_usage: Literal["ask", "always"] = "ask"
+    #: the tier a request that names none (or ``auto``) is served at: the operator's
+    #: project default (OpenAI lets a project default to priority processing)
+    default_service_tier: ServiceTier = ServiceTier.DEFAULT
     default_max_output_tokens: int = Field(default=4096, gt=0)
     models: dict[str, ModelPrice]
 
     @model_validator(mode="after")
-    def _has_models(self) -> "ProviderPricing":
+    def _has_models(self) -> ProviderPricing:
         if not self.models:
             raise ValueError("lists no models")
         return self
@@ -99,6 +147,12 @@ class PricingFile(_Strict):
     providers: dict[str, ProviderPricing]
 
 
+def price_version(content: bytes) -> str:
+    """The price version of a ``pricing.yaml`` content: the first 16 hex digits of its
+    SHA-256 (``sha256sum pricing.yaml | cut -c1-16``)."""
+    return hashlib.sha256(content).hexdigest()[:16]
+
+
 @dataclass(frozen=True, slots=True)
 class PicoPrices:
     input: int
@@ -106,6 +160,26 @@ class PicoPrices:
     cached_input: int
     cache_write: int
     cache_write_1h: int
+    #: which of its model's price sets these are
+    name: PriceSetName = PriceSetName.STANDARD
+
+    def per_million_usd(self) -> dict[str, str]:
+        """Each price as ``pricing.yaml`` writes it: exact US dollars per million tokens, as
+        decimal strings with six decimals (``"0.150000"``)."""
+        return {
+            "input": _per_million(self.input),
+            "cached_input": _per_million(self.cached_input),
+            "cache_write": _per_million(self.cache_write),
+            "cache_write_1h": _per_million(self.cache_write_1h),
+            "output": _per_million(self.output),
+        }
+
+
+def _per_million(pico: int) -> str:
+    """Pico-dollars per token as dollars per million tokens (1 pico-dollar per token is
+    $0.000001 per million): exact, six decimals."""
+    whole, frac = divmod(pico, PICO_PER_MICRO)
+    return f"{whole}.{frac:06d}"
 
 
 @dataclass(slots=True)
@@ -123,6 +197,9 @@ class Usage:
     cache_write_1h_tokens: int = 0
     reasoning_tokens: int = 0
     estimated: bool = False
+    #: the service tier the provider reports it served, which it bills; None when it
+    #: reports none
+    service_tier: ServiceTier | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -141,20 +218,21 @@ class PricedModel:
     name: str
     max_output_tokens: int
     base: PicoPrices
-    long_context_above: int | None
-    long_context: PicoPrices | None
+    #: (prompt tokens above which they apply, the prices), if the model has long-context prices
+    long_context: tuple[int, PicoPrices] | None
     service_tiers: dict[str, PicoPrices]
-    batch_discount: Fraction | None
+    #: the price version (:attr:`PriceBook.version`) these prices come from
+    version: str = ""
 
-    def prices_for(self, prompt_tokens: int, service_tier: str | None) -> PicoPrices:
+    def prices_for(self, prompt_tokens: int, service_tier: ServiceTier | None) -> PicoPrices:
         """The price set a request pays: service tier, else long context, else base."""
         if service_tier in self.service_tiers:
             return self.service_tiers[service_tier]
-        if self.long_context is not None and prompt_tokens > self.long_context_above:  # type: ignore[operator]
-            return self.long_context
+        if self.long_context is not None and prompt_tokens > self.long_context[0]:
+            return self.long_context[1]
         return self.base
 
-    def cost_micro(self, usage: Usage, service_tier: str | None = None, batch: bool = False) -> int:
+    def cost_micro(self, usage: Usage, service_tier: ServiceTier | None = None) -> int:
         """Exact cost in micro-dollars, rounded up once."""
         p = self.prices_for(usage.prompt_tokens, service_tier)
         pico = (
@@ -164,11 +242,9 @@ class PricedModel:
             + usage.cache_write_1h_tokens * p.cache_write_1h
             + usage.output_tokens * p.output
         )
-        if batch and self.batch_discount is not None:
-            return math.ceil(Fraction(pico) * self.batch_discount / PICO_PER_MICRO)
         return -(-pico // PICO_PER_MICRO)
 
-    def worst_case_micro(self, prompt_upper_bound: int, max_output: int, service_tier: str | None = None) -> int:
+    def worst_case_micro(self, prompt_upper_bound: int, max_output: int, service_tier: ServiceTier | None = None) -> int:
         """Largest cost a request with at most these tokens can have (the credit hold)."""
         p = self.prices_for(prompt_upper_bound, service_tier)
         dearest_input = max(p.input, p.cached_input, p.cache_write, p.cache_write_1h)
@@ -177,10 +253,14 @@ class PricedModel:
 
 
 class PriceBook:
-    """Compiled prices of every provider, looked up by provider and model id."""
+    """Compiled prices of every provider, looked up by provider and model id. ``source`` is
+    the ``pricing.yaml`` content they were parsed from and ``version`` its price version
+    (:func:`price_version`): every :class:`PricedModel` found here carries it."""
 
-    def __init__(self, parsed: PricingFile):
+    def __init__(self, parsed: PricingFile, source: bytes):
         self.file = parsed
+        self.source = source
+        self.version = version = price_version(source)
         self._models: dict[tuple[str, str], PricedModel] = {}
         for provider, entry in parsed.providers.items():
             for name, m in entry.models.items():
@@ -188,16 +268,22 @@ class PriceBook:
                     provider=provider,
                     name=name,
                     max_output_tokens=m.max_output_tokens or entry.default_max_output_tokens,
-                    base=m.pico(),
-                    long_context_above=m.long_context.above_input_tokens if m.long_context else None,
-                    long_context=m.long_context.pico() if m.long_context else None,
-                    service_tiers={k: v.pico() for k, v in m.service_tiers.items()},
-                    batch_discount=Fraction(m.batch_discount) if m.batch_discount is not None else None,
+                    base=m.pico(PriceSetName.STANDARD),
+                    long_context=(m.long_context.above_input_tokens, m.long_context.pico(PriceSetName.LONG_CONTEXT))
+                    if m.long_context
+                    else None,
+                    service_tiers={k: v.pico(PriceSetName(k)) for k, v in m.service_tiers.items()},
+                    version=version,
                 )
 
     @property
     def providers(self) -> dict[str, ProviderPricing]:
         return self.file.providers
+
+    @property
+    def model_count(self) -> int:
+        """How many models the book prices, over every provider."""
+        return len(self._models)
 
     def model_names(self, provider: str) -> list[str]:
         entry = self.file.providers.get(provider)
