@@ -8,12 +8,14 @@ with ports already in use, and both outlive the process that started them.
 from __future__ import annotations
 
 import fcntl
+import importlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from types import ModuleType
 
 DATABASE_NAME = "costproxy"
 
@@ -49,15 +51,24 @@ def redis_url(data_dir: Path) -> str:
             subprocess.run(
                 [
                     str(server),
-                    "--port", "0",
-                    "--unixsocket", str(socket),
-                    "--unixsocketperm", "700",
-                    "--dir", str(home),
-                    "--appendonly", "yes",
-                    "--appendfsync", "everysec",
-                    "--daemonize", "yes",
-                    "--pidfile", str(home / "redis.pid"),
-                    "--logfile", str(home / "redis.log"),
+                    "--port",
+                    "0",
+                    "--unixsocket",
+                    str(socket),
+                    "--unixsocketperm",
+                    "700",
+                    "--dir",
+                    str(home),
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "everysec",
+                    "--daemonize",
+                    "yes",
+                    "--pidfile",
+                    str(home / "redis.pid"),
+                    "--logfile",
+                    str(home / "redis.log"),
                 ],
                 check=True,
             )
@@ -69,24 +80,24 @@ def redis_url(data_dir: Path) -> str:
     return f"unix://{socket}"
 
 
-def _pgserver(data_dir: Path):  # noqa: ANN202 - the pgserver module
+def pgserver_module(data_dir: Path) -> ModuleType:
+    """The pgserver package, its runtime directory under ``data_dir``."""
     # pgserver keeps its lock file in the runtime directory; give it one we own.
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str((data_dir / "run").resolve()))
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     import pgserver
-    import pgserver._commands  # noqa: F401 - used by stop_all
 
     return pgserver
 
 
 def postgres_url(data_dir: Path) -> str:
     """Start (or attach to) the embedded PostgreSQL and return a DSN for its database."""
-    server = _pgserver(data_dir).get_server((data_dir / "pg").resolve(), cleanup_mode=None)
+    server = pgserver_module(data_dir).get_server((data_dir / "pg").resolve(), cleanup_mode=None)
     found = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}';")
     if "(1 row)" not in found:
         server.psql(f"CREATE DATABASE {DATABASE_NAME};")
-    return server.get_uri(DATABASE_NAME)
+    return str(server.get_uri(DATABASE_NAME))
 
 
 def stop_all(data_dir: Path) -> None:
@@ -99,4 +110,6 @@ def stop_all(data_dir: Path) -> None:
             pass
     pgdata = data_dir / "pg"
     if (pgdata / "postmaster.pid").exists():
-        _pgserver(data_dir)._commands.pg_ctl(["-m", "fast", "stop"], pgdata=pgdata.resolve(), user="pgserver" if os.geteuid() == 0 else None)
+        pgserver_module(data_dir)  # sets up the environment pgserver's commands expect
+        commands = importlib.import_module("pgserver._commands")
+        commands.pg_ctl(["-m", "fast", "stop"], pgdata=pgdata.resolve(), user="pgserver" if os.geteuid() == 0 else None)

@@ -1,42 +1,27 @@
-"""Typed application state shared by the proxy's routes, and who is calling them."""
+"""Typed state of the proxy application (``app[KEY]``), shared by its routes."""
 
 from __future__ import annotations
 
 import asyncpg
 from aiohttp import web
-from redis.asyncio import Redis
 
+from .billing.plans import Plans
 from .config import ConfigStore
 from .forward import Forwarder
 from .gate import Gate
-from .keys import Identity
 from .ledger import Ledger
+from .ledger.pipeline import RequestPipeline
+from .redis_url import RedisClient
 from .settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", Redis)
+REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
+#: the pipelined connection that carries the request path's two scripts
+PIPELINE: web.AppKey[RequestPipeline] = web.AppKey("pipeline")
 CONFIG = web.AppKey("config", ConfigStore)
 LEDGER = web.AppKey("ledger", Ledger)
 GATE = web.AppKey("gate", Gate)
 FORWARDER = web.AppKey("forwarder", Forwarder)
-PROVIDERS = web.AppKey("providers", dict)
-#: Postgres, for the routes off the hot path (billing, usage, admin); connects lazily
+PLANS = web.AppKey("plans", Plans)
+#: Postgres, for the routes off the hot path (billing, usage, admin); absent without a database
 POOL = web.AppKey("pool", asyncpg.Pool)
-
-
-def request_key(request: web.Request) -> str | None:
-    """The proxy key on a costproxy API call: ``Authorization: Bearer`` or ``x-api-key``."""
-    auth = request.headers.get("Authorization", "")
-    return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
-
-
-async def caller(request: web.Request) -> Identity:
-    """The identity behind the request's proxy key, or a JSON 401."""
-    key = request_key(request)
-    identity = await request.app[GATE].keys.lookup(key) if key else None
-    if identity is None:
-        raise web.HTTPUnauthorized(
-            text='{"error": {"message": "Missing or unknown API key.", "code": "invalid_api_key"}}',
-            content_type="application/json",
-        )
-    return identity
