@@ -29,6 +29,8 @@ class Mailer:
         try:
             await aiosmtplib.send(
                 message,
+                sender=self.sender,
+                recipients=[to],  # never the addresses a parser might find in the To header
                 hostname=self.url.hostname,
                 port=self.url.port or (465 if self.url.scheme == "smtps" else 25),
                 username=unquote(self.url.username) if self.url.username else None,  # user%40example.com

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -34,12 +34,15 @@ import stripe
 
 from ..accounts import record_tier_change
 from ..config import ConfigStore
-from ..ledger import Ledger
+from ..db import Connection
+from ..ledger import AccountStatus, Cycle, EntryKind, Ledger
+from ..tiers import TierChange
+from .disputes import withdrawn_cents
 from .stripe_api import plain
 
 log = logging.getLogger("costproxy.billing")
 
-Handler = Callable[["Effects", asyncpg.Connection, dict[str, Any], dict[str, Any]], Awaitable[None]]
+Handler = Callable[["Effects", Connection, dict[str, Any], dict[str, Any]], Awaitable[None]]
 
 
 #: billing reasons of the invoices that start a cycle (others only count as revenue)
@@ -48,7 +51,7 @@ _OUTCOME: ContextVar[Outcome] = ContextVar("billing_outcome")
 
 
 def _at(seconds: int | float) -> datetime:
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def _subscription_details(invoice: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +93,9 @@ class Effects:
         async with self.pool.acquire() as conn, conn.transaction():
             fresh = await conn.fetchval(
                 "INSERT INTO stripe_events (id, type, created_at) VALUES ($1, $2, $3) ON CONFLICT (id) DO NOTHING RETURNING true",
-                event["id"], event["type"], _at(event["created"]),
+                event["id"],
+                event["type"],
+                _at(event["created"]),
             )
             if not fresh:
                 return Outcome("duplicate")
@@ -101,22 +106,26 @@ class Effects:
 
     # lookups ------------------------------------------------------------------------------
     async def _user(
-        self, conn: asyncpg.Connection, *, user_id: str | None = None, subscription: str | None = None, customer: str | None = None
+        self, conn: Connection, *, user_id: str | None = None, subscription: str | None = None, customer: str | None = None
     ) -> asyncpg.Record | None:
         user = await conn.fetchrow(
             "SELECT * FROM users WHERE id = $1 OR stripe_subscription_id = $2 OR stripe_customer_id = $3"
             " ORDER BY (id = $1) DESC LIMIT 1 FOR UPDATE",
-            user_id, subscription, customer,
+            user_id,
+            subscription,
+            customer,
         )
         if user is None:
             log.warning("no user for Stripe object (user %s, subscription %s, customer %s)", user_id, subscription, customer)
         return user
 
-    async def _invoice_user(self, conn: asyncpg.Connection, invoice: dict[str, Any]) -> asyncpg.Record | None:
+    async def _invoice_user(self, conn: Connection, invoice: dict[str, Any]) -> asyncpg.Record | None:
         details = _subscription_details(invoice)
         return await self._user(
-            conn, user_id=(details.get("metadata") or {}).get("user_id"),
-            subscription=details.get("subscription"), customer=invoice.get("customer"),
+            conn,
+            user_id=(details.get("metadata") or {}).get("user_id"),
+            subscription=details.get("subscription"),
+            customer=invoice.get("customer"),
         )
 
     @staticmethod
@@ -128,7 +137,7 @@ class Effects:
         return self.config.current.tiers.tier_for_price(_line_price(line))
 
     # invoices -----------------------------------------------------------------------------
-    async def invoice_paid(self, conn: asyncpg.Connection, invoice: dict[str, Any], event: dict[str, Any]) -> None:
+    async def invoice_paid(self, conn: Connection, invoice: dict[str, Any], event: dict[str, Any]) -> None:
         user = await self._invoice_user(conn, invoice)
         if user is None:
             return
@@ -144,7 +153,7 @@ class Effects:
             await self._record_invoice(conn, user["id"], invoice, tier)
 
     async def _new_cycle(
-        self, conn: asyncpg.Connection, user: asyncpg.Record, invoice: dict[str, Any], lines: list[dict[str, Any]], event: dict[str, Any]
+        self, conn: Connection, user: asyncpg.Record, invoice: dict[str, Any], lines: list[dict[str, Any]], event: dict[str, Any]
     ) -> str | None:
         line = next((ln for ln in lines if not _is_proration(ln) and self._tier_of(ln)), None)
         if line is None:
@@ -155,30 +164,36 @@ class Effects:
         tiers = self.config.current.tiers
         tier = tiers.tiers[tier_name]
         start_ms, end_ms = line["period"]["start"] * 1000, line["period"]["end"] * 1000
-        account = await self.ledger.account(user["id"]) or {}
-        if end_ms <= int(account.get("cycle_start", 0)):
+        account = await self.ledger.account(user["id"])
+        if account is not None and end_ms <= account.cycle_start:
             log.info("invoice %s is for a cycle older than the running one; no credits", invoice["id"])
             return tier_name
         await self.ledger.start_cycle(
-            user_id=user["id"], tier=tier_name, allowance_micro=tier.allowance_micro, start_ms=start_ms, end_ms=end_ms,
-            event_id=f"inv_{invoice['id']}", reason=f"invoice {invoice['id']} ({invoice.get('billing_reason')})",
-            auto_renew=False, rollover=tier.rollover and invoice.get("billing_reason") == "subscription_cycle",
+            user["id"],
+            tier=tier_name,
+            allowance=tier.allowance_micro,
+            cycle=Cycle(start_ms, end_ms, auto_renew=False),
+            event_id=f"inv_{invoice['id']}",
+            reason=f"invoice {invoice['id']} ({invoice.get('billing_reason')})",
+            rollover=tier.rollover and invoice.get("billing_reason") == "subscription_cycle",
         )
-        await self.ledger.set_status(user["id"], "active")
+        await self.ledger.set_status(user["id"], AccountStatus.ACTIVE)
         await conn.execute(
             "UPDATE users SET tier = $2, status = 'active', stripe_subscription_id = coalesce($3, stripe_subscription_id),"
             " stripe_customer_id = coalesce(stripe_customer_id, $4), past_due_since = NULL WHERE id = $1",
-            user["id"], tier_name, _subscription_details(invoice).get("subscription"), invoice.get("customer"),
+            user["id"],
+            tier_name,
+            _subscription_details(invoice).get("subscription"),
+            invoice.get("customer"),
         )
         if tier_name != user["tier"]:
-            prices = tiers.tiers
-            old = prices.get(user["tier"])
-            kind = "upgrade" if old is None or tier.price_usd > old.price_usd else "downgrade"
-            await record_tier_change(conn, user["id"], user["tier"], tier_name, kind, event["id"])
+            await record_tier_change(
+                conn, user["id"], user["tier"], tier_name, tiers.change(user["tier"], tier_name), event["id"]
+            )
         return tier_name
 
     async def _upgrade(
-        self, conn: asyncpg.Connection, user: asyncpg.Record, invoice: dict[str, Any], lines: list[dict[str, Any]], event: dict[str, Any]
+        self, conn: Connection, user: asyncpg.Record, invoice: dict[str, Any], lines: list[dict[str, Any]], event: dict[str, Any]
     ) -> str | None:
         gained = next((ln for ln in lines if _is_proration(ln) and ln["amount"] > 0 and self._tier_of(ln)), None)
         if gained is None:
@@ -190,8 +205,8 @@ class Effects:
         old_name = (self._tier_of(lost) if lost else None) or user["tier"]
         assert new_name is not None
         start, end = gained["period"]["start"], gained["period"]["end"]
-        account = await self.ledger.account(user["id"]) or {}
-        cycle_start, cycle_end = int(account.get("cycle_start", 0)) // 1000, int(account.get("cycle_end", 0)) // 1000
+        account = await self.ledger.account(user["id"])
+        cycle_start, cycle_end = (account.cycle_start // 1000, account.cycle_end // 1000) if account else (0, 0)
         if end <= cycle_start:
             log.info("upgrade invoice %s is for a cycle already over; no credits", invoice["id"])
             return new_name
@@ -202,26 +217,42 @@ class Effects:
         period = cycle_end - cycle_start
         difference = tiers[new_name].allowance_micro - (tiers[old_name].allowance_micro if old_name in tiers else 0)
         grant = max(0, difference * (end - start) // period)
-        await self.ledger.add(
-            user_id=user["id"], amount_micro=grant, kind="grant", event_id=f"inv_{invoice['id']}", tier=new_name,
+        await self.ledger.credit(
+            user["id"],
+            amount=grant,
+            kind=EntryKind.GRANT,
+            event_id=f"inv_{invoice['id']}",
+            tier=new_name,
             reason=f"upgrade {old_name} -> {new_name}, {end - start} of {period} s left (invoice {invoice['id']})",
         )
         if user["tier"] != new_name:  # also on a retry whose first attempt moved only Redis
             await conn.execute("UPDATE users SET tier = $2 WHERE id = $1", user["id"], new_name)
-            await record_tier_change(conn, user["id"], old_name, new_name, "upgrade", event["id"])
+            await record_tier_change(conn, user["id"], old_name, new_name, TierChange.UPGRADE, event["id"])
         return new_name
 
-    async def _record_invoice(self, conn: asyncpg.Connection, user_id: str, invoice: dict[str, Any], tier: str) -> None:
+    async def _record_invoice(self, conn: Connection, user_id: str, invoice: dict[str, Any], tier: str) -> None:
         fee, payment_intent = await self._fee(invoice["id"])
-        period = next((ln["period"] for ln in invoice["lines"]["data"] if not _is_proration(ln)), None) or invoice["lines"]["data"][0]["period"]
+        period = (
+            next((ln["period"] for ln in invoice["lines"]["data"] if not _is_proration(ln)), None)
+            or invoice["lines"]["data"][0]["period"]
+        )
         paid_at = (invoice.get("status_transitions") or {}).get("paid_at") or invoice["created"]
         await conn.execute(
             "INSERT INTO invoices (id, user_id, subscription_id, billing_reason, payment_intent, tier, currency,"
             " amount_paid, stripe_fee, period_start, period_end, paid_at)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
-            invoice["id"], user_id, _subscription_details(invoice).get("subscription"), invoice.get("billing_reason") or "",
-            payment_intent, tier, invoice.get("currency") or "usd", invoice.get("amount_paid") or 0, fee,
-            _at(period["start"]), _at(period["end"]), _at(paid_at),
+            invoice["id"],
+            user_id,
+            _subscription_details(invoice).get("subscription"),
+            invoice.get("billing_reason") or "",
+            payment_intent,
+            tier,
+            invoice.get("currency") or "usd",
+            invoice.get("amount_paid") or 0,
+            fee,
+            _at(period["start"]),
+            _at(period["end"]),
+            _at(paid_at),
         )
 
     async def _fee(self, invoice_id: str) -> tuple[int, str | None]:
@@ -241,37 +272,46 @@ class Effects:
                 intent_id = intent
         return fee, intent_id
 
-    async def payment_failed(self, conn: asyncpg.Connection, invoice: dict[str, Any], event: dict[str, Any]) -> None:
+    async def payment_failed(self, conn: Connection, invoice: dict[str, Any], event: dict[str, Any]) -> None:
         user = await self._invoice_user(conn, invoice)
         if user is None or self._ended(user, invoice):
             return
-        await conn.execute(
-            "UPDATE users SET status = 'past_due', past_due_since = coalesce(past_due_since, $2) WHERE id = $1",
-            user["id"], _at(event["created"]),
-        )
-        await self.ledger.set_status(user["id"], "past_due")
         link = invoice.get("hosted_invoice_url") or ""
+        await conn.execute(
+            "UPDATE users SET status = 'past_due', past_due_since = coalesce(past_due_since, $2),"
+            " failed_invoice_url = $3 WHERE id = $1",
+            user["id"],
+            _at(event["created"]),
+            link or None,
+        )
+        await self.ledger.set_status(user["id"], AccountStatus.PAST_DUE)
         action = "needs your confirmation" if event["type"] == "invoice.payment_action_required" else "failed"
-        _OUTCOME.get().mail.append((
-            user["email"],
-            f"Payment {action}: your {user['tier']} plan",
-            f"The payment for your {user['tier']} plan {action}.\n\nPay or confirm it here: {link}\n\n"
-            f"Your remaining credits stay usable for {self.grace.days} days; after that the account "
-            "is limited to the free tier until the invoice is paid.\n",
-        ))
+        _OUTCOME.get().mail.append(
+            (
+                user["email"],
+                f"Payment {action}: your {user['tier']} plan",
+                f"The payment for your {user['tier']} plan {action}.\n\nPay or confirm it here: {link}\n\n"
+                f"Your remaining credits stay usable for {self.grace.days} days; after that the account "
+                "is limited to the free tier until the invoice is paid.\n",
+            )
+        )
 
     # subscriptions and checkout -----------------------------------------------------------
-    async def checkout_completed(self, conn: asyncpg.Connection, session: dict[str, Any], event: dict[str, Any]) -> None:
+    async def checkout_completed(self, conn: Connection, session: dict[str, Any], event: dict[str, Any]) -> None:
         user = await self._user(conn, user_id=session.get("client_reference_id"))
         if user is not None and session.get("subscription") not in user["ended_subscriptions"]:
             await conn.execute(
                 "UPDATE users SET stripe_customer_id = coalesce($2, stripe_customer_id),"
                 " stripe_subscription_id = coalesce($3, stripe_subscription_id) WHERE id = $1",
-                user["id"], session.get("customer"), session.get("subscription"),
+                user["id"],
+                session.get("customer"),
+                session.get("subscription"),
             )
 
-    async def subscription_updated(self, conn: asyncpg.Connection, sub: dict[str, Any], event: dict[str, Any]) -> None:
-        user = await self._user(conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer"))
+    async def subscription_updated(self, conn: Connection, sub: dict[str, Any], event: dict[str, Any]) -> None:
+        user = await self._user(
+            conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer")
+        )
         if user is None or self._other_subscription(user, sub):
             return
         created = _at(event["created"])
@@ -285,22 +325,29 @@ class Effects:
             " past_due_since = CASE WHEN $5 THEN coalesce(past_due_since, $4) END,"
             " status = CASE WHEN status = 'suspended' THEN status WHEN $5 THEN 'past_due' ELSE 'active' END"
             " WHERE id = $1",
-            user["id"], status, bool(sub.get("cancel_at_period_end")), created, past_due,
+            user["id"],
+            status,
+            bool(sub.get("cancel_at_period_end")),
+            created,
+            past_due,
         )
         if user["status"] != "suspended":
-            await self.ledger.set_status(user["id"], "past_due" if past_due else "active")
+            await self.ledger.set_status(user["id"], AccountStatus.PAST_DUE if past_due else AccountStatus.ACTIVE)
 
-    async def subscription_deleted(self, conn: asyncpg.Connection, sub: dict[str, Any], event: dict[str, Any]) -> None:
-        user = await self._user(conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer"))
+    async def subscription_deleted(self, conn: Connection, sub: dict[str, Any], event: dict[str, Any]) -> None:
+        user = await self._user(
+            conn, user_id=(sub.get("metadata") or {}).get("user_id"), subscription=sub["id"], customer=sub.get("customer")
+        )
         if user is None:
             return
         if not self._other_subscription(user, sub):  # a late deletion of an older one changes no plan
             ended = (sub.get("ended_at") or event["created"]) * 1000
-            await self._to_free_tier(conn, user, ended, f"end_{sub['id']}", "cancel", event["id"])
+            await self._to_free_tier(conn, user, ended, f"end_{sub['id']}", TierChange.CANCEL, event["id"])
             await conn.execute(
                 "UPDATE users SET stripe_subscription_id = NULL, subscription_status = 'canceled', cancel_at_period_end = false,"
                 " subscription_synced_at = greatest(subscription_synced_at, $2) WHERE id = $1",
-                user["id"], _at(event["created"]),
+                user["id"],
+                _at(event["created"]),
             )
         await conn.execute(
             "UPDATE users SET ended_subscriptions = array_append(ended_subscriptions, $2) WHERE id = $1", user["id"], sub["id"]
@@ -311,14 +358,20 @@ class Effects:
         """Whether ``sub`` is not the user's current subscription (one that ended before it)."""
         return user["stripe_subscription_id"] not in (None, sub["id"])
 
-    async def _to_free_tier(self, conn: asyncpg.Connection, user: asyncpg.Record, start_ms: int, ledger_id: str, kind: str, source: str) -> None:
+    async def _to_free_tier(
+        self, conn: Connection, user: asyncpg.Record, start_ms: int, ledger_id: str, kind: TierChange, source: str
+    ) -> None:
         tiers = self.config.current.tiers
         free = tiers.default_tier
         await self.ledger.start_cycle(
-            user_id=user["id"], tier=free, allowance_micro=tiers.tiers[free].allowance_micro, start_ms=start_ms,
-            end_ms=tiers.cycle_end(start_ms), event_id=ledger_id, reason=f"{kind}: back to {free}", auto_renew=True,
+            user["id"],
+            tier=free,
+            allowance=tiers.tiers[free].allowance_micro,
+            cycle=Cycle(start_ms, tiers.cycle_end(start_ms), auto_renew=True),
+            event_id=ledger_id,
+            reason=f"{kind}: back to {free}",
         )
-        await self.ledger.set_status(user["id"], "active")
+        await self.ledger.set_status(user["id"], AccountStatus.ACTIVE)
         await conn.execute("UPDATE users SET tier = $2, status = 'active', past_due_since = NULL WHERE id = $1", user["id"], free)
         if user["tier"] != free:
             await record_tier_change(conn, user["id"], user["tier"], free, kind, source)
@@ -328,7 +381,9 @@ class Effects:
         lapsed = 0
         async with self.pool.acquire() as conn:
             due = await conn.fetch(
-                "SELECT id FROM users WHERE past_due_since < $1 AND tier <> $2", now - self.grace, self.config.current.tiers.default_tier
+                "SELECT id FROM users WHERE past_due_since < $1 AND tier <> $2",
+                now - self.grace,
+                self.config.current.tiers.default_tier,
             )
             for row in due:
                 async with conn.transaction():
@@ -336,21 +391,30 @@ class Effects:
                     if user is None or user["past_due_since"] is None:
                         continue
                     stamp = int(user["past_due_since"].timestamp())
-                    await self._to_free_tier(conn, user, int(now.timestamp() * 1000), f"lapse_{user['id']}_{stamp}", "lapse", "grace period")
-                    await conn.execute("UPDATE users SET status = 'past_due', past_due_since = $2 WHERE id = $1", user["id"], user["past_due_since"])
-                    await self.ledger.set_status(user["id"], "past_due")
+                    await self._to_free_tier(
+                        conn, user, int(now.timestamp() * 1000), f"lapse_{user['id']}_{stamp}", TierChange.LAPSE, "grace period"
+                    )
+                    await conn.execute(
+                        "UPDATE users SET status = 'past_due', past_due_since = $2 WHERE id = $1",
+                        user["id"],
+                        user["past_due_since"],
+                    )
+                    await self.ledger.set_status(user["id"], AccountStatus.PAST_DUE)
                     lapsed += 1
         return lapsed
 
     # refunds and disputes -----------------------------------------------------------------
-    async def charge_refunded(self, conn: asyncpg.Connection, charge: dict[str, Any], event: dict[str, Any]) -> None:
+    async def charge_refunded(self, conn: Connection, charge: dict[str, Any], event: dict[str, Any]) -> None:
         await conn.execute(
-            "UPDATE invoices SET refunded = $2 WHERE payment_intent = $1", charge.get("payment_intent"), charge.get("amount_refunded") or 0
+            "UPDATE invoices SET refunded = $2 WHERE payment_intent = $1",
+            charge.get("payment_intent"),
+            charge.get("amount_refunded") or 0,
         )
 
-    async def dispute_changed(self, conn: asyncpg.Connection, dispute: dict[str, Any], event: dict[str, Any]) -> None:
-        amount = 0 if dispute.get("status") == "won" else dispute.get("amount") or 0
-        await conn.execute("UPDATE invoices SET disputed = $2 WHERE payment_intent = $1", dispute.get("payment_intent"), amount)
+    async def dispute_changed(self, conn: Connection, dispute: dict[str, Any], event: dict[str, Any]) -> None:
+        await conn.execute(
+            "UPDATE invoices SET disputed = $2 WHERE payment_intent = $1", dispute.get("payment_intent"), withdrawn_cents(dispute)
+        )
 
 
 HANDLERS: dict[str, Handler] = {

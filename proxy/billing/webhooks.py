@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC
 
+import asyncpg
 import orjson
 import stripe
 from aiohttp import web
-from redis.asyncio import Redis
 
 from ..config import ConfigStore
-from ..db import connect_pool
 from ..ledger import Ledger
 from ..mail import Mailer
+from ..probes import add_probes
+from ..redis_url import RedisClient
+from ..resources import config_store, postgres_pool, redis_client, running
 from ..settings import Settings
+from ..tasks import Background
 from .effects import Effects
 from .stripe_api import stripe_client
 
@@ -23,9 +27,10 @@ log = logging.getLogger("costproxy.webhooks")
 
 EFFECTS = web.AppKey("effects", Effects)
 MAILER = web.AppKey("mailer", Mailer)
+SETTINGS = web.AppKey("settings", Settings)
 SECRET = web.AppKey("secret", str)
+SENDING = web.AppKey("sending", Background)
 LAPSE_SWEEP_SECONDS = 300.0
-_SENDING: set[asyncio.Task[bool]] = set()
 
 
 async def webhook_handler(request: web.Request) -> web.Response:
@@ -38,19 +43,17 @@ async def webhook_handler(request: web.Request) -> web.Response:
         return web.json_response({"error": str(exc)}, status=400)
     outcome = await request.app[EFFECTS].apply(orjson.loads(payload))
     for to, subject, body in outcome.mail:  # after the commit; never delays the answer
-        task = asyncio.create_task(request.app[MAILER].send(to, subject, body))
-        _SENDING.add(task)
-        task.add_done_callback(_SENDING.discard)
+        request.app[SENDING].spawn(request.app[MAILER].send(to, subject, body))
     log.info("%s %s: %s", event.type, event.id, outcome.status)
     return web.json_response({"received": True, "status": outcome.status})
 
 
 async def _lapse_loop(effects: Effects) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     while True:
         try:
-            lapsed = await effects.lapse_past_due(datetime.now(timezone.utc))
+            lapsed = await effects.lapse_past_due(datetime.now(UTC))
             if lapsed:
                 log.info("%d past-due accounts limited to the free tier", lapsed)
         except Exception:  # keep sweeping; the next round retries
@@ -58,30 +61,42 @@ async def _lapse_loop(effects: Effects) -> None:
         await asyncio.sleep(LAPSE_SWEEP_SECONDS)
 
 
-def create_webhook_app(settings: Settings, redis_url: str, database_url: str) -> web.Application:
-    """The listener application: ``/stripe/webhook``, ``/healthz``, ``/metrics``."""
-    from ..app import health_handler, metrics_handler
+_REDIS: web.AppKey[RedisClient] = web.AppKey("redis")
+_POOL = web.AppKey("pool", asyncpg.Pool)
+CONFIG = web.AppKey("config", ConfigStore)
 
-    app = web.Application()
-    app[SECRET] = settings.stripe_webhook_secret
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        redis = Redis.from_url(redis_url)
-        pool = await connect_pool(database_url)
-        async with stripe_client(settings) as client:
-            config = ConfigStore(settings.pricing_file, settings.tiers_file)
-            effects = Effects(pool, Ledger(redis, settings.redis_prefix), config, client, settings.past_due_grace_days)
-            app[EFFECTS] = effects
-            app[MAILER] = Mailer(settings.smtp_url, settings.mail_from)
-            tasks = [asyncio.create_task(_lapse_loop(effects)), asyncio.create_task(config.watch(settings.config_reload_seconds))]
+async def _effects(app: web.Application) -> AsyncIterator[None]:
+    settings, pool = app[SETTINGS], app[_POOL]
+    async with stripe_client(settings) as client:
+        app[EFFECTS] = Effects(
+            pool, Ledger(app[_REDIS], settings.redis_prefix), app[CONFIG], client, settings.past_due_grace_days
+        )
+        async with running(_lapse_loop(app[EFFECTS])):
             yield
-            for task in tasks:
-                task.cancel()
-        await pool.close()
-        await redis.aclose()
 
-    app.cleanup_ctx.append(resources)
+
+async def _mail(app: web.Application) -> AsyncIterator[None]:
+    app[SENDING] = Background()
+    yield
+    await app[SENDING].drain(15)
+
+
+def create_webhook_app(settings: Settings, redis_url: str, database_url: str) -> web.Application:
+    """The listener application: ``/stripe/webhook``, ``/healthz``, ``/readyz``, ``/metrics``."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[SECRET] = settings.stripe_webhook_secret
+    app[MAILER] = Mailer(settings.smtp_url, settings.mail_from)
+    app.cleanup_ctx.extend(
+        [
+            redis_client(_REDIS, redis_url),
+            postgres_pool(_POOL, database_url),
+            config_store(CONFIG, settings),
+            _effects,
+            _mail,
+        ]
+    )
     app.router.add_post("/stripe/webhook", webhook_handler)
-    app.router.add_get("/healthz", health_handler)
-    app.router.add_get("/metrics", metrics_handler)
+    add_probes(app)
     return app
