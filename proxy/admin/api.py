@@ -6,18 +6,17 @@ uses too) or the read-only report modules; nothing here moves money by itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
+import asyncpg
 from aiohttp import web
 
-from ..accounts import AccountError, Accounts
-from ..keys import KeyMirror
-from ..state import CONFIG, LEDGER, POOL, REDIS, SETTINGS
-from . import figures, periods, usage_query
-from .guard import json_error
-from .periods import QueryError
+from ..http_json import BadRequestError, accounts, body, field, handles_errors, json_error, reply
+from ..ledger import AccountStatus, EntryKind
+from ..receipts import Receipts
+from ..reconcile.store import latest_results
+from ..reports import figures, periods, usage_query
+from ..state import CONFIG, POOL
 
 DEFAULT_OVERLAP_SECONDS = 3600
 MAX_OVERLAP_SECONDS = 30 * 86_400
@@ -25,78 +24,18 @@ MAX_CREDITS = 10**9  # $10M in one entry: far beyond any real grant, far inside 
 USER_PAGE = 50
 
 
-def reply(data: Any, status: int = 200) -> web.Response:
-    """A JSON response (datetimes as ISO 8601), never cached."""
-    return web.Response(
-        body=orjson.dumps(data), status=status, content_type="application/json", headers={"Cache-Control": "no-store"}
-    )
-
-
-def accounts(request: web.Request) -> Accounts:
-    """The account service over this app's Postgres pool, Redis ledger and live config."""
-    app = request.config_dict
-    return Accounts(app[POOL], app[LEDGER], KeyMirror(app[REDIS], app[SETTINGS].redis_prefix), app[CONFIG].current)
-
-
-def _status_of(error: AccountError) -> int:
-    message = str(error)
-    if message.startswith("no "):
-        return 404
-    return 409 if "already" in message else 400
-
-
-class BadRequest(ValueError):
-    """A request body that does not say what the endpoint needs."""
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def handles_errors(handler: Handler) -> Handler:
-    """Turn service and query errors into the admin API's JSON error answers."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except AccountError as exc:
-            return json_error(_status_of(exc), str(exc))
-        except (QueryError, BadRequest) as exc:
-            return json_error(400, str(exc))
-
-    wrapped.__doc__ = handler.__doc__
-    return wrapped
-
-
-async def body(request: web.Request) -> dict[str, Any]:
-    """The JSON object sent, or a BadRequest."""
-    raw = await request.read()
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the body must be a JSON object")
-    return data
-
-
-def field(data: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
-    """``data[name]`` of type ``kind`` (``bool`` is never taken for ``int``), or ``default``."""
-    value = data.get(name, default)
-    if value is ...:
-        raise BadRequest(f"{name} is required")
-    if value is not default and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-        raise BadRequest(f"{name} must be of type {kind.__name__}")
-    return value
+def pool(request: web.Request) -> asyncpg.Pool:
+    """The app's Postgres pool (without one the guard answered 503 before any handler)."""
+    return request.config_dict[POOL]
 
 
 def _page(items: list[Any], limit: int, offset: int) -> dict[str, Any]:
-    return {"items": items[:limit], "limit": limit, "offset": offset, "next_offset": offset + limit if len(items) > limit else None}
-
-
-def _account_numbers(account: dict[str, str] | None) -> dict[str, Any] | None:
-    if account is None:
-        return None
-    return {k: int(v) if v.lstrip("-").isdigit() else v for k, v in account.items()}
+    return {
+        "items": items[:limit],
+        "limit": limit,
+        "offset": offset,
+        "next_offset": offset + limit if len(items) > limit else None,
+    }
 
 
 # users ------------------------------------------------------------------------------------
@@ -111,7 +50,7 @@ async def list_users(request: web.Request) -> web.Response:
 @handles_errors
 async def create_user(request: web.Request) -> web.Response:
     """``POST /admin/api/users {email, tier}``: the new user and its first key, shown only now."""
-    data = await body(request)
+    data = await body(request, "email", "tier")
     user_id, key = await accounts(request).create_user(field(data, "email", str), field(data, "tier", str), source="admin")
     return reply({"user_id": user_id, "key_id": key.key_id, "api_key": key.api_key}, 201)
 
@@ -120,19 +59,17 @@ async def create_user(request: web.Request) -> web.Response:
 async def show_user(request: web.Request) -> web.Response:
     """``GET /admin/api/users/{user}``: the user, the live Redis account, the latest ledger, keys."""
     service = accounts(request)
-    shown = await service.show(request.match_info["user"], ledger_rows=100)
-    account = _account_numbers(shown["account"])
-    shown["account"] = account
-    if account is not None:
-        shown["available_micro"] = account.get("balance", 0) - account.get("held", 0)
-    shown["keys"] = await service.list_keys(shown["user"]["id"])
+    statement = await service.show(request.match_info["user"], ledger_rows=100)
+    shown = statement.as_json()
+    shown["available_micro"] = statement.account.available if statement.account is not None else None
+    shown["keys"] = await service.list_keys(statement.user["id"])
     return reply(shown)
 
 
 @handles_errors
 async def change_tier(request: web.Request) -> web.Response:
     """``POST /admin/api/users/{user}/tier {tier}``: move the user to another tier now."""
-    tier = field(await body(request), "tier", str)
+    tier = field(await body(request, "tier"), "tier", str)
     balance = await accounts(request).change_tier(request.match_info["user"], tier, source="admin")
     return reply({"user": request.match_info["user"], "tier": tier, "balance_micro": balance})
 
@@ -140,27 +77,29 @@ async def change_tier(request: web.Request) -> web.Response:
 @handles_errors
 async def set_status(request: web.Request) -> web.Response:
     """``POST /admin/api/users/{user}/status {status}``: suspend or reactivate."""
-    status = field(await body(request), "status", str)
-    if status not in ("active", "suspended"):
-        raise BadRequest("status must be active or suspended")
-    await accounts(request).set_status(request.match_info["user"], status)
+    status = field(await body(request, "status"), "status", str)
+    if status not in (AccountStatus.ACTIVE, AccountStatus.SUSPENDED):
+        raise BadRequestError("status must be active or suspended")
+    await accounts(request).set_status(request.match_info["user"], AccountStatus(status))
     return reply({"user": request.match_info["user"], "status": status})
 
 
 @handles_errors
 async def move_credits(request: web.Request) -> web.Response:
     """``POST /admin/api/users/{user}/credits {kind, credits, reason}``: a grant or refund ledger entry."""
-    data = await body(request)
+    data = await body(request, "kind", "credits", "reason")
     kind = field(data, "kind", str, "grant")
     credits = field(data, "credits", int)
     reason = field(data, "reason", str).strip()
     if kind not in ("grant", "refund"):
-        raise BadRequest("kind must be grant or refund")
+        raise BadRequestError("kind must be grant or refund")
     if not 0 < abs(credits) <= MAX_CREDITS or not reason:
-        raise BadRequest(f"credits must be between 1 and {MAX_CREDITS:,} (or -1 and -{MAX_CREDITS:,}) and reason must not be empty")
+        raise BadRequestError(
+            f"credits must be between 1 and {MAX_CREDITS:,} (or -1 and -{MAX_CREDITS:,}) and reason must not be empty"
+        )
     if kind == "refund" and credits < 0:
-        raise BadRequest("a refund gives credits back: credits must be positive")
-    balance = await accounts(request).grant(request.match_info["user"], credits, reason, kind=kind)
+        raise BadRequestError("a refund gives credits back: credits must be positive")
+    balance = await accounts(request).grant(request.match_info["user"], credits, reason, kind=EntryKind(kind))
     return reply({"user": request.match_info["user"], "kind": kind, "credits": credits, "balance_micro": balance}, 201)
 
 
@@ -178,7 +117,7 @@ async def list_keys(request: web.Request) -> web.Response:
 @handles_errors
 async def create_key(request: web.Request) -> web.Response:
     """``POST /admin/api/users/{user}/keys {name}``: a new key, shown only now."""
-    name = field(await body(request), "name", str, "")
+    name = field(await body(request, "name"), "name", str, "")
     key = await accounts(request).create_key(request.match_info["user"], name)
     return reply({"key_id": key.key_id, "api_key": key.api_key}, 201)
 
@@ -194,25 +133,43 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     """``POST /admin/api/keys/{key}/rotate {overlap_seconds}``: a replacement key; the old one
     keeps working for the overlap, then is revoked."""
-    overlap = field(await body(request), "overlap_seconds", int, DEFAULT_OVERLAP_SECONDS)
+    overlap = field(await body(request, "overlap_seconds"), "overlap_seconds", int, DEFAULT_OVERLAP_SECONDS)
     if not 0 <= overlap <= MAX_OVERLAP_SECONDS:
-        raise BadRequest(f"overlap_seconds must be between 0 and {MAX_OVERLAP_SECONDS}")
+        raise BadRequestError(f"overlap_seconds must be between 0 and {MAX_OVERLAP_SECONDS}")
     key = await accounts(request).rotate_key(request.match_info["key"], overlap)
-    return reply({"key_id": key.key_id, "api_key": key.api_key, "replaces": request.match_info["key"], "overlap_seconds": overlap}, 201)
+    return reply(
+        {"key_id": key.key_id, "api_key": key.api_key, "replaces": request.match_info["key"], "overlap_seconds": overlap}, 201
+    )
 
 
 # reports ----------------------------------------------------------------------------------
 @handles_errors
 async def usage(request: web.Request) -> web.Response:
     """``GET /admin/api/usage?group=&user=&key=&provider=&model=&tier=&from=&to=&limit=&offset=``."""
-    return reply(await usage_query.run(request.config_dict[POOL], usage_query.parse(request.query)))
+    return reply(await usage_query.run(pool(request), usage_query.parse(request.query)))
+
+
+@handles_errors
+async def receipt(request: web.Request) -> web.Response:
+    """``GET /admin/api/usage/{id}``: the receipt of any user's request, by its request id,
+    once the usage log has written it to Postgres (the user page links its ledger to them)."""
+    _, found = await Receipts(pool(request), request.config_dict[CONFIG]).find(request.match_info["id"], None)
+    if found is None:
+        return json_error(404, "no settled request has this id")
+    return reply(found.as_json())
+
+
+@handles_errors
+async def reconciliations(request: web.Request) -> web.Response:
+    """``GET /admin/api/reconcile``: the last stored reconciliation of each source."""
+    return reply(await latest_results(pool(request)))
 
 
 @handles_errors
 async def business_figures(request: web.Request) -> web.Response:
     """``GET /admin/api/figures?period=today|month|range&from=&to=``: figures, the period before, the change."""
     period = periods.from_query(request.query)
-    async with request.config_dict[POOL].acquire() as conn:
+    async with pool(request).acquire() as conn:
         return reply(await figures.report(conn, period, request.config_dict[CONFIG].current.tiers))
 
 
@@ -229,6 +186,8 @@ ROUTES = [
     ("POST", "/api/keys/{key}/revoke", revoke_key),
     ("POST", "/api/keys/{key}/rotate", rotate_key),
     ("GET", "/api/usage", usage),
+    ("GET", "/api/usage/{id}", receipt),
+    ("GET", "/api/reconcile", reconciliations),
     ("GET", "/api/figures", business_figures),
 ]
 

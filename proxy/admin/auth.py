@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..bearer import bearer_token
+
 COOKIE = "costproxy_admin"
 SESSION_SECONDS = 12 * 3600
 
@@ -34,9 +36,7 @@ def fingerprint(token: str) -> str:
 
 def token_matches(presented: str, admin_token: str) -> bool:
     """Constant-time comparison of a presented token with ``ADMIN_TOKEN``."""
-    return hmac.compare_digest(
-        hashlib.sha256(presented.encode()).digest(), hashlib.sha256(admin_token.encode()).digest()
-    )
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(admin_token.encode()).digest())
 
 
 def _signature(admin_token: str, payload: str) -> str:
@@ -60,9 +60,8 @@ def session_valid(admin_token: str, value: str, now: float) -> bool:
 
 def identify(request: web.Request, admin_token: str, now: float) -> Caller:
     """The caller of an admin request, from its bearer token or its session cookie."""
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        presented = auth[7:].strip()
+    presented = bearer_token(request.headers.get("Authorization"))
+    if presented is not None:
         if token_matches(presented, admin_token):
             return Caller(True, f"token:{fingerprint(presented)}")
         return Caller(False, f"bad-token:{fingerprint(presented)}")
@@ -81,8 +80,13 @@ def identify(request: web.Request, admin_token: str, now: float) -> Caller:
 def set_session(response: web.StreamResponse, request: web.Request, admin_token: str, now: float) -> None:
     """Log the browser in: an HttpOnly, SameSite=Strict cookie scoped to ``/admin``."""
     response.set_cookie(
-        COOKIE, new_session(admin_token, now), max_age=SESSION_SECONDS, path="/admin",
-        httponly=True, samesite="Strict", secure=request.secure,
+        COOKIE,
+        new_session(admin_token, now),
+        max_age=SESSION_SECONDS,
+        path="/admin",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
     )
 
 

@@ -8,6 +8,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..http_json import json_error
 from ..state import POOL
 from . import audit
 from .auth import identify
@@ -20,11 +21,6 @@ DISABLED = "The admin surface is disabled: set ADMIN_TOKEN in the proxy's enviro
 NO_DATABASE = "The admin surface needs PostgreSQL: this proxy was started without a database."
 
 
-def json_error(status: int, message: str) -> web.Response:
-    """The admin API's error shape: ``{"error": {"status": ..., "message": ...}}``."""
-    return web.json_response({"error": {"status": status, "message": message}}, status=status)
-
-
 def guard(admin_token: str) -> Middleware:
     """The middleware for an admin app guarded by ``admin_token`` (empty: disabled)."""
 
@@ -33,12 +29,13 @@ def guard(admin_token: str) -> Middleware:
         api = request.path.startswith(API_PREFIX)
         if not admin_token:
             return json_error(503, DISABLED) if api else web.Response(status=503, text=DISABLED)
-        if request.config_dict[POOL] is None:
+        if request.config_dict.get(POOL) is None:
             return json_error(503, NO_DATABASE) if api else web.Response(status=503, text=NO_DATABASE)
         if not api and request.path not in AUDITED_PAGES:
             return await handler(request)
         caller = identify(request, admin_token, time.time())
         status = 500
+        response: web.StreamResponse
         try:
             if api and not caller.authenticated:
                 status = 401

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..state import SETTINGS
+from ..state import CONFIG, SETTINGS
 from .auth import clear_session, fingerprint, identify, set_session, token_matches
 from .guard import AUDIT_ACTOR
 from .openapi import document
@@ -27,8 +27,12 @@ SECURITY_HEADERS = {
 }
 
 
-def _page(name: str, status: int = 200, message: str = "") -> web.Response:
-    text = (PAGES / name).read_text(encoding="utf-8").replace("{{message}}", html.escape(message))
+def render(folder: Path, name: str, status: int = 200, **values: str) -> web.Response:
+    """The page ``folder/name`` with its ``{{key}}`` placeholders filled in, each value
+    HTML-escaped, served with :data:`SECURITY_HEADERS` (the admin's pages and the portal's)."""
+    text = (folder / name).read_text(encoding="utf-8")
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", html.escape(value))
     return web.Response(text=text, status=status, content_type="text/html", headers=SECURITY_HEADERS)
 
 
@@ -40,12 +44,12 @@ async def dashboard(request: web.Request) -> web.StreamResponse:
     """``GET /admin/``: the dashboard for a logged-in browser, else the login form."""
     if not identify(request, _token(request), time.time()).authenticated:
         raise web.HTTPSeeOther("/admin/login")
-    return _page("dashboard.html")
+    return render(PAGES, "dashboard.html")
 
 
 async def login_form(request: web.Request) -> web.Response:
     """``GET /admin/login``."""
-    return _page("login.html")
+    return render(PAGES, "login.html", message="")
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -53,7 +57,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     presented = str((await request.post()).get("token", ""))
     request[AUDIT_ACTOR] = f"login:{fingerprint(presented)}"
     if not token_matches(presented, _token(request)):
-        return _page("login.html", 401, "That is not the admin token.")
+        return render(PAGES, "login.html", 401, message="That is not the admin token.")
     response = web.HTTPSeeOther("/admin/")
     set_session(response, request, _token(request), time.time())
     raise response
@@ -67,8 +71,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    """``GET /admin/openapi.json``."""
-    return web.json_response(document())
+    """``GET /admin/openapi.json``, its tiers the live ones."""
+    return web.json_response(document(list(request.config_dict[CONFIG].current.tiers.tiers)))
 
 
 async def to_dashboard(request: web.Request) -> web.StreamResponse:

@@ -157,6 +157,26 @@ async function showOverview() {
   renderMonth(month.current);
   const p = month.current.period;
   dailyChart("chart-daily", await api(`usage?group=day&from=${p.from}&to=${p.to}&limit=31`));
+  renderReconciliation(await api("reconcile"));
+}
+
+/* reconciliation: each source's last run, its largest shares and its differences --------- */
+const share = (s) => (s === null ? "not in their report" : (Number(s) * 100).toFixed(4) + "%");
+
+function renderReconciliation(results) {
+  const runs = Object.values(results);
+  table("reconcile-table",
+    [{ label: "Source" }, { label: "Days" }, { label: "Ran" }, { label: "Rows", num: true },
+     { label: "Result" }, { label: "Largest share by kind" }],
+    runs.map((r) => [r.source, r.from === r.to ? r.from : r.from + " – " + r.to, when(r.ran_at), int(r.rows),
+      r.exceeds ? "beyond " + share(r.tolerance) : r.differences.length ? "within " + share(r.tolerance) : "agrees",
+      Object.entries(r.ratios).map(([kind, s]) => kind + " " + share(s)).join(", ") || "—"]));
+  if (!runs.length) $("reconcile-table").append(el("caption", {}, "No reconciliation has run: set OPENAI_ADMIN_KEY / ANTHROPIC_ADMIN_KEY for the worker, or run costproxy reconcile."));
+  const differences = runs.flatMap((r) => r.differences.map((d) => ({ source: r.source, ...d })));
+  table("reconcile-differences",
+    [{ label: "Source" }, { label: "Day" }, { label: "Subject" }, { label: "Kind" },
+     { label: "Ours", num: true }, { label: "Theirs", num: true }, { label: "Share", num: true }],
+    differences.slice(0, 50).map((d) => [d.source, d.day || "—", d.subject, d.kind, int(d.ours), int(d.theirs), share(d.share)]));
 }
 
 /* users ------------------------------------------------------------------------------ */
@@ -194,16 +214,47 @@ async function showUser(userId) {
   dailyChart("chart-user-usage", usage);
   table("user-keys", [{ label: "Key" }, { label: "Name" }, { label: "Prefix" }, { label: "Created" }, { label: "Revoked" }],
     detail.keys.map((k) => [k.id, k.name || "—", k.key_prefix + "…", when(k.created_at), k.revoked_at ? when(k.revoked_at) : "active"]));
-  table("user-ledger", [{ label: "Time" }, { label: "Kind" }, { label: "Amount", num: true }, { label: "Balance", num: true }, { label: "Reason" }],
-    detail.ledger.map((e) => [when(e.created_at), e.kind, microUsd(e.amount_micro), microUsd(e.balance_micro), e.reason || ""]));
+  table("user-ledger", [{ label: "Time" }, { label: "Kind" }, { label: "Amount", num: true }, { label: "Balance", num: true }, { label: "Reason" }, { label: "Receipt" }],
+    detail.ledger.map((e) => [when(e.created_at), e.kind, microUsd(e.amount_micro), microUsd(e.balance_micro), e.reason || "", receiptLink(e)]));
+}
+
+/* A request's charge or void is the ledger entry "chg_<request id>" / "void_<request id>". */
+function receiptLink(entry) {
+  const settled = entry.id.match(/^(?:chg|void)_(.+)$/);
+  return settled && (entry.kind === "charge" || entry.kind === "void")
+    ? el("a", { href: "#/receipts/" + encodeURIComponent(settled[1]), class: "receipt" }, "receipt")
+    : "";
+}
+
+async function showReceipt(requestId) {
+  const r = await api("usage/" + encodeURIComponent(requestId));
+  $("receipt-id").textContent = r.id;
+  $("receipt-user").setAttribute("href", "#/users/" + encodeURIComponent(r.user_id));
+  const tokens = r.tokens || {}, prices = r.unit_prices_usd_per_1m || {};
+  const perMillion = (kind) => (prices[kind] ? "$" + prices[kind] + " / 1M" : "—");
+  const rows = [
+    ["Time", when(r.time)],
+    ["Outcome", r.outcome + (r.void_reason ? " (" + r.void_reason + ")" : "")],
+    ["Provider / model", r.provider ? r.provider + " / " + r.model : "—"],
+    ["Price version", r.price_version || "—"],
+    ["Price set", (r.price_set || "—") + (r.service_tier ? " (service tier " + r.service_tier + ")" : "")],
+  ];
+  for (const [kind, label] of [["input", "Input"], ["cached_input", "Cached input"], ["cache_write", "Cache writes (5 min)"], ["cache_write_1h", "Cache writes (1 h)"], ["output", "Output"]]) {
+    rows.push([label, int(tokens[kind] || 0) + " tokens at " + perMillion(kind)]);
+  }
+  rows.push(["Reasoning (in output)", int(tokens.reasoning || 0) + " tokens"]);
+  rows.push(["Cost", microUsd(r.cost_micro_usd) + " (" + r.cost_credits + " credits)" + (r.estimated ? ", estimated" : "")]);
+  rows.push(["Balance after", microUsd(r.balance_after_micro_usd)]);
+  table("receipt-table", [{ label: "" }, { label: "" }], rows);
 }
 
 /* routing ---------------------------------------------------------------------------- */
 async function route() {
   const hash = window.location.hash || "#/";
   const userMatch = hash.match(/^#\/users\/(.+)$/);
-  const view = userMatch ? "user" : hash.startsWith("#/users") ? "users" : "overview";
-  for (const name of ["overview", "users", "user"]) $("view-" + name).hidden = name !== view;
+  const receiptMatch = hash.match(/^#\/receipts\/(.+)$/);
+  const view = receiptMatch ? "receipt" : userMatch ? "user" : hash.startsWith("#/users") ? "users" : "overview";
+  for (const name of ["overview", "users", "user", "receipt"]) $("view-" + name).hidden = name !== view;
   $("nav-overview").classList.toggle("active", view === "overview");
   $("nav-users").classList.toggle("active", view !== "overview");
   $("error").hidden = true;
@@ -211,6 +262,7 @@ async function route() {
   try {
     if (view === "overview") await showOverview();
     else if (view === "users") await loadUsers(false);
+    else if (view === "receipt") await showReceipt(decodeURIComponent(receiptMatch[1]));
     else await showUser(decodeURIComponent(userMatch[1]));
     document.body.dataset.loaded = view;
   } catch (error) {

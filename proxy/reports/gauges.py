@@ -14,6 +14,7 @@ from decimal import Decimal
 import asyncpg
 from prometheus_client import Gauge
 
+from ..db import POSTGRES_UNAVAILABLE
 from ..tiers import TiersFile
 from . import figures, periods
 
@@ -45,9 +46,9 @@ async def export_margin(pool: asyncpg.Pool, tiers: Callable[[], TiersFile], stop
     while not stop.is_set():
         try:
             await refresh(pool, tiers())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except POSTGRES_UNAVAILABLE as exc:
             log.warning("business gauges not refreshed: %s", exc)
         try:
             await asyncio.wait_for(stop.wait(), every)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 
 
 class QueryError(ValueError):
@@ -11,6 +13,8 @@ class QueryError(ValueError):
 
 
 MAX_DAYS = 3660
+#: the days a report may name: any period within, and the one before it, are valid dates
+FIRST_DAY, LAST_DAY = date(1900, 1, 1), date(2999, 12, 31)
 
 
 @dataclass(frozen=True)
@@ -24,19 +28,19 @@ class Period:
     @property
     def start_at(self) -> datetime:
         """The first instant of the period (UTC)."""
-        return datetime.combine(self.start, time(), tzinfo=timezone.utc)
+        return datetime.combine(self.start, time(), tzinfo=UTC)
 
     @property
     def end_at(self) -> datetime:
         """The first instant after the period (UTC)."""
-        return datetime.combine(self.end, time(), tzinfo=timezone.utc)
+        return datetime.combine(self.end, time(), tzinfo=UTC)
 
     @property
     def days(self) -> int:
         """How many days the period covers."""
         return (self.end - self.start).days
 
-    def previous(self) -> "Period":
+    def previous(self) -> Period:
         """The period before: yesterday for a day, last month for a month, else as many days before."""
         if self.name == "month":
             return month_of(self.start - timedelta(days=1))
@@ -55,7 +59,7 @@ class Period:
 
 def utc_today() -> date:
     """Today's date in UTC."""
-    return datetime.now(timezone.utc).date()
+    return datetime.now(UTC).date()
 
 
 def day_of(day: date) -> Period:
@@ -71,11 +75,15 @@ def month_of(day: date) -> Period:
 
 
 def parse_day(raw: str, name: str) -> date:
-    """``YYYY-MM-DD`` as a date, or a QueryError naming the parameter ``name``."""
+    """``YYYY-MM-DD`` (:data:`FIRST_DAY` to :data:`LAST_DAY`) as a date, or a QueryError
+    naming the parameter ``name``."""
     try:
-        return date.fromisoformat(raw)
+        day = date.fromisoformat(raw) if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", raw) else None
     except ValueError:
-        raise QueryError(f"{name} must be a date like 2025-01-31, got {raw!r}") from None
+        day = None
+    if day is None or not FIRST_DAY <= day <= LAST_DAY:
+        raise QueryError(f"{name} must be a date like 2025-01-31, from {FIRST_DAY} to {LAST_DAY}, got {raw!r}")
+    return day
 
 
 def between(first: date, last: date) -> Period:
@@ -88,17 +96,17 @@ def between(first: date, last: date) -> Period:
     return period
 
 
-def from_query(query: dict[str, str] | object, today: date | None = None) -> Period:
+def from_query(query: Mapping[str, str], today: date | None = None) -> Period:
     """``period=today|month|range`` (``range`` needs ``from`` and ``to``, inclusive dates)."""
-    get = query.get  # type: ignore[attr-defined]
     today = today or utc_today()
-    kind = get("period") or "today"
+    kind = query.get("period") or "today"
     if kind == "today":
         return day_of(today)
     if kind == "month":
         return month_of(today)
     if kind == "range":
-        if not get("from") or not get("to"):
+        first, last = query.get("from"), query.get("to")
+        if not first or not last:
             raise QueryError("period=range needs from and to (YYYY-MM-DD, inclusive)")
-        return between(parse_day(get("from"), "from"), parse_day(get("to"), "to"))
+        return between(parse_day(first, "from"), parse_day(last, "to"))
     raise QueryError(f"period must be today, month or range, got {kind!r}")

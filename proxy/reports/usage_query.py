@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from typing import Any
 
+from ..money import micro_usd
 from .figures import Queryable
-from .money import micro_usd
 from .periods import QueryError, parse_day
 
 # API name -> usage_daily column. Only these ever reach the SQL text.
 DIMENSIONS = {"day": "day", "user": "user_id", "key": "key_id", "provider": "provider", "model": "model", "tier": "tier"}
 MAX_LIMIT = 1000
+MAX_OFFSET = 10**9
 DEFAULT_LIMIT = 100
 
 
@@ -46,11 +47,13 @@ def paging(query: Mapping[str, str], default_limit: int = DEFAULT_LIMIT) -> tupl
     """``limit`` (1..MAX_LIMIT) and ``offset`` from a query string."""
     return (
         _int(query.get("limit"), "limit", default_limit, 1, MAX_LIMIT),
-        _int(query.get("offset"), "offset", 0, 0, 10**9),
+        _int(query.get("offset"), "offset", 0, 0, MAX_OFFSET),
     )
 
 
-def parse(query: Mapping[str, str], filters: tuple[str, ...] = tuple(DIMENSIONS), group: tuple[str, ...] | None = None) -> UsageQuery:
+def parse(
+    query: Mapping[str, str], filters: tuple[str, ...] = tuple(DIMENSIONS), group: tuple[str, ...] | None = None
+) -> UsageQuery:
     """Read ``group``, the filters allowed, ``from``/``to``, ``limit`` and ``offset`` from a query
     string; ``group`` given here is fixed and the query's is ignored. Raises QueryError."""
     if group is None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, Protocol
 
+from ..money import cents_to_micro, cents_usd, micro_usd, percent, usd_ratio
 from ..tiers import TiersFile
-from .money import cents_to_micro, cents_usd, micro_usd, percent, usd_ratio
 from .periods import Period
 
 TARGET_MARGIN_PCT = Decimal("80.00")
@@ -91,7 +91,11 @@ def _tier_rows(tiers: TiersFile, counts: dict[str, int]) -> list[dict[str, Any]]
         {"tier": name, "price_usd": f"{tier.price_usd:.2f}", "paid": tier.price_usd > 0, "users": counts.get(name, 0)}
         for name, tier in tiers.tiers.items()
     ]
-    rows += [{"tier": name, "price_usd": None, "paid": None, "users": n} for name, n in sorted(counts.items()) if name not in tiers.tiers]
+    rows += [
+        {"tier": name, "price_usd": None, "paid": None, "users": n}
+        for name, n in sorted(counts.items())
+        if name not in tiers.tiers
+    ]
     return rows
 
 
@@ -155,8 +159,10 @@ async def compute(db: Queryable, period: Period, tiers: TiersFile) -> dict[str, 
             "net_usd": cents_usd(net_cents),
         },
         "api_cost": {
-            "micro": cost, "usd": micro_usd(cost),
-            "paid_tiers_micro": used, "free_tiers_micro": cost - used,
+            "micro": cost,
+            "usd": micro_usd(cost),
+            "paid_tiers_micro": used,
+            "free_tiers_micro": cost - used,
         },
         "profit": {"micro": profit, "usd": micro_usd(profit)},
         "margin": {
@@ -171,9 +177,12 @@ async def compute(db: Queryable, period: Period, tiers: TiersFile) -> dict[str, 
             "rate_pct": percent(changes["cancellations"], paying_start),
         },
         "budget": {
-            "allocated_micro": allocated, "allocated_usd": micro_usd(allocated),
-            "used_micro": used, "used_usd": micro_usd(used),
-            "unused_micro": allocated - used, "unused_usd": micro_usd(allocated - used),
+            "allocated_micro": allocated,
+            "allocated_usd": micro_usd(allocated),
+            "used_micro": used,
+            "used_usd": micro_usd(used),
+            "unused_micro": allocated - used,
+            "unused_usd": micro_usd(allocated - used),
             "used_pct": percent(used, allocated),
         },
         "margin_model": {
@@ -198,8 +207,9 @@ async def compute(db: Queryable, period: Period, tiers: TiersFile) -> dict[str, 
 
 def change(current: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
     """How the headline figures moved from ``previous`` to ``current``."""
+
     def delta(section: str, field: str) -> int:
-        return current[section][field] - previous[section][field]
+        return int(current[section][field] - previous[section][field])
 
     margin_now, margin_before = current["margin"]["pct"], previous["margin"]["pct"]
     return {
@@ -214,7 +224,9 @@ def change(current: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
         "api_cost_usd": micro_usd(delta("api_cost", "micro")),
         "profit_micro": delta("profit", "micro"),
         "profit_usd": micro_usd(delta("profit", "micro")),
-        "margin_pct_points": None if margin_now is None or margin_before is None else str(Decimal(margin_now) - Decimal(margin_before)),
+        "margin_pct_points": None
+        if margin_now is None or margin_before is None
+        else str(Decimal(margin_now) - Decimal(margin_before)),
     }
 
 
