@@ -1,0 +1,1 @@
+"""Reconciliation of our records with the providers' and Stripe's own reports."""
