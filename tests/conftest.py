@@ -1,107 +1,63 @@
-"""Shared fixtures: real Redis and Postgres, a mock upstream, the proxy, accounts.
+"""The suite's fixtures: real Redis and Postgres, the config files, the ledger and accounts,
+customers, a local SMTP server, and one factory that starts a proxy in front of mock
+upstreams (``start_proxy``), with the OpenAI conveniences built on it.
 
-``REDIS_URL`` / ``DATABASE_URL`` point the suite at external servers; without them it
-starts the embedded ones under ``.data/test-servers``. Every run works in its own
-Postgres database and every test under its own Redis key prefix, both removed at the end,
-so runs can repeat or overlap without colliding.
+Support code (servers, money, accounts, mocks, ...) lives in :mod:`tests.support`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
+import openai
 import pytest
-from aiosmtpd.controller import Controller
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from proxy.accounts import Accounts
+from proxy.app import create_app
+from proxy.billing.webhooks import create_webhook_app
 from proxy.config import load_config
-from proxy.db import migrate
 from proxy.keys import KeyMirror
 from proxy.ledger import Ledger
+from proxy.providers.registry import BUILTIN_URLS
 from proxy.settings import Settings
 from proxy.usage import UsageLog
 
-from .mock_upstreams import openai_app
-
-ROOT = Path(__file__).resolve().parent.parent
-RUN_ID = uuid.uuid4().hex[:8]
-SERVERS_DIR = ROOT / ".data" / "test-servers"
-
-
-def _server_urls() -> tuple[str, str]:
-    redis_url, database_url = os.environ.get("REDIS_URL", ""), os.environ.get("DATABASE_URL", "")
-    if not redis_url or not database_url:
-        from proxy import embedded
-
-        redis_url = redis_url or embedded.redis_url(SERVERS_DIR)
-        database_url = database_url or embedded.postgres_url(SERVERS_DIR)
-    return redis_url, database_url
-
-
-@contextmanager
-def migrated_database(server_url: str, name: str, seed: Callable[[asyncpg.Connection], Awaitable[None]] | None = None) -> Iterator[str]:
-    """A new database ``name`` on the server of ``server_url``, migrated and optionally
-    seeded; its URL while in use, dropped after."""
-
-    async def on_server(sql: str) -> None:
-        conn = await asyncpg.connect(server_url)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    async def prepare(url: str) -> None:
-        await migrate(url)
-        if seed is not None:
-            conn = await asyncpg.connect(url)
-            try:
-                await seed(conn)
-            finally:
-                await conn.close()
-
-    asyncio.run(on_server(f'CREATE DATABASE "{name}"'))
-    url = _with_database(server_url, name)
-    try:
-        asyncio.run(prepare(url))
-        yield url
-    finally:
-        asyncio.run(on_server(f'DROP DATABASE "{name}" WITH (FORCE)'))
+from .support import ROOT
+from .support.accounts import Customer, create_customer
+from .support.cluster import Cluster, redis_cluster
+from .support.fake_stripe import WEBHOOK_SECRET, FakeState, fake_stripe_app, signed
+from .support.harness import RunningProxy, StartProxy, operator_key
+from .support.http import url_of
+from .support.mail import Inbox, smtp_server
+from .support.mock_upstreams import openai_app
+from .support.servers import RUN_ID, delete_prefix, migrated_database, server_urls
 
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[tuple[str, str]]:
     """(redis_url, database_url of this run's own database)."""
-    redis_url, server_url = _server_urls()
+    redis_url, server_url = server_urls()
     with migrated_database(server_url, f"costproxy_test_{RUN_ID}") as database_url:
         yield redis_url, database_url
-    asyncio.run(_delete_prefix(redis_url, f"t{RUN_ID}"))
+    asyncio.run(delete_prefix(redis_url, f"t{RUN_ID}"))
 
 
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def _delete_prefix(redis_url: str, prefix: str) -> None:
-    redis = Redis.from_url(redis_url)
-    try:
-        async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
-            await redis.delete(key)
-    finally:
-        await redis.aclose()
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A real three-master Redis Cluster on loopback ports, for the whole session."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -114,7 +70,9 @@ def config_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def settings(servers: tuple[str, str], config_files: tuple[Path, Path]) -> Settings:
+def settings(servers: tuple[str, str], config_files: tuple[Path, Path], tmp_path: Path) -> Settings:
+    """The test's settings: its own Redis prefix and spool directory, the config copies,
+    short cache and reload intervals, and ``operator_key(name)`` for the built-in providers."""
     redis_url, database_url = servers
     return Settings(
         redis_url=redis_url,
@@ -122,11 +80,12 @@ def settings(servers: tuple[str, str], config_files: tuple[Path, Path]) -> Setti
         pricing_file=config_files[0],
         tiers_file=config_files[1],
         redis_prefix=f"t{RUN_ID}{uuid.uuid4().hex[:6]}:",
-        provider_keys={"openai": "sk-operator-openai"},
+        provider_keys={name: operator_key(name) for name in BUILTIN_URLS},
         key_cache_seconds=0.2,
         config_reload_seconds=0.1,
         drain_seconds=5.0,
         upstream_read_timeout=10.0,
+        spool_dir=tmp_path / "spool",
     )
 
 
@@ -151,7 +110,8 @@ def ledger(redis: Redis, settings: Settings) -> Ledger:
 
 @pytest.fixture
 def accounts(pool: asyncpg.Pool, ledger: Ledger, redis: Redis, settings: Settings) -> Accounts:
-    return Accounts(pool, ledger, KeyMirror(redis, settings.redis_prefix), load_config(settings.pricing_file, settings.tiers_file))
+    config = load_config(settings.pricing_file, settings.tiers_file)
+    return Accounts(pool, ledger, KeyMirror(redis, settings.redis_prefix), config)
 
 
 @pytest.fixture
@@ -159,82 +119,122 @@ def usage_log(redis: Redis, ledger: Ledger, pool: asyncpg.Pool) -> UsageLog:
     return UsageLog(redis, ledger, pool, batch=1000)
 
 
-class Inbox:
-    """Messages received by the test SMTP server."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[list[str], str]] = []
-
-    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
-        self.messages.append((envelope.rcpt_tos, envelope.content.decode()))
-        return "250 OK"
-
-
-@contextmanager
-def smtp_server(**options: Any) -> Iterator[tuple[Inbox, int]]:
-    """A local SMTP server (aiosmtpd ``Controller`` options) while in the block: (inbox, port)."""
-    with socket.socket() as probe:  # aiosmtpd needs a concrete port
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    inbox = Inbox()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port, **options)
-    controller.start()
-    try:
-        yield inbox, port
-    finally:
-        controller.stop()
-
-
 @pytest.fixture
-def smtp():
+def smtp() -> Iterator[tuple[Inbox, int]]:
     """A local SMTP server: (inbox, port)."""
     with smtp_server() as server:
         yield server
 
 
-@dataclass
-class Customer:
-    user_id: str
-    api_key: str
-    key_id: str
-
-
 @pytest.fixture
-def make_customer(accounts: Accounts, ledger: Ledger):
-    """Create a user on a tier; ``balance_micro`` replaces the allowance when given."""
+def make_customer(accounts: Accounts, ledger: Ledger) -> Callable[..., Awaitable[Customer]]:
+    """``await make_customer(tier="starter", balance_micro=None)``: a user on ``tier`` with a
+    key; ``balance_micro`` replaces the allowance when given."""
 
     async def make(tier: str = "starter", balance_micro: int | None = None) -> Customer:
-        user_id, key = await accounts.create_user(f"{uuid.uuid4().hex[:10]}@example.com", tier)
-        if balance_micro is not None:
-            current = int((await ledger.account(user_id))["balance"])
-            await ledger.add(user_id=user_id, amount_micro=balance_micro - current, kind="grant", reason="test balance")
-        return Customer(user_id, key.api_key, key.key_id)
+        return await create_customer(accounts, ledger, tier, balance_micro)
 
     return make
 
 
+# the proxy ---------------------------------------------------------------------------------
 @pytest.fixture
-async def upstream(aiohttp_server: Any):
-    """The mock OpenAI upstream server."""
-    return await aiohttp_server(openai_app())
+def start_proxy(aiohttp_server: Any, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> StartProxy:
+    """The one way tests start a proxy::
+
+        proxy = await start_proxy(
+            {"groq": prefixed_openai_app("/openai"), "bedrock": bedrock_app()},  # mock upstreams to start
+            env={"GROQ_API_KEY": "gsk-operator"},  # set for the test: providers' api_key_env
+            base_paths={"groq": "/openai"},        # appended to a mock's URL, as in a base_url
+            database=False,                        # no Postgres pool (routes off the hot path answer 503)
+            admin_token=ADMIN_TOKEN, upstream_urls={"openai": "http://127.0.0.1:9"},  # any Settings field
+        )
+
+    starts each mock upstream and a proxy on the test's ``settings`` with those changes,
+    routing each started provider to its mock (as ``<NAME>_UPSTREAM_URL`` would; other
+    ``upstream_urls`` given are kept, e.g. a dead one). The built-in providers hold
+    ``operator_key(name)``. Returns a :class:`RunningProxy` (``.url``, ``.app``, ``.upstreams``).
+    """
+
+    async def start(
+        upstreams: Mapping[str, web.Application] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        base_paths: Mapping[str, str] | None = None,
+        database: bool = True,
+        **changes: Any,
+    ) -> RunningProxy:
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        servers = {name: await aiohttp_server(app) for name, app in (upstreams or {}).items()}
+        live = replace(settings, **changes)
+        routed = {name: url_of(server) + (base_paths or {}).get(name, "") for name, server in servers.items()}
+        live = replace(live, upstream_urls={**live.upstream_urls, **routed})
+        server = await aiohttp_server(create_app(live, live.redis_url, live.database_url if database else ""))
+        return RunningProxy(url_of(server), server.app, servers)
+
+    return start
 
 
 @pytest.fixture
-async def proxy_url(aiohttp_server: Any, settings: Settings, upstream: Any) -> str:
-    """Base URL of a running proxy whose OpenAI upstream is the mock."""
-    from proxy.app import create_app
-
-    live = replace(settings, upstream_urls={"openai": str(upstream.make_url("")).rstrip("/")})
-    server = await aiohttp_server(create_app(live, live.redis_url, live.database_url))
-    return str(server.make_url("")).rstrip("/")
+async def openai_proxy(start_proxy: StartProxy) -> RunningProxy:
+    """A proxy (with Postgres) whose OpenAI upstream is the mock."""
+    return await start_proxy({"openai": openai_app()})
 
 
 @pytest.fixture
-def openai_client(proxy_url: str):
-    """An ``openai.AsyncOpenAI`` factory pointed at the proxy."""
-    import openai
+def upstream(openai_proxy: RunningProxy) -> TestServer:
+    """The mock OpenAI upstream server of :func:`openai_proxy`."""
+    return openai_proxy.upstreams["openai"]
+
+
+@pytest.fixture
+def proxy_url(openai_proxy: RunningProxy) -> str:
+    """Base URL of :func:`openai_proxy`."""
+    return openai_proxy.url
+
+
+@pytest.fixture
+def openai_client(proxy_url: str) -> Callable[..., openai.AsyncOpenAI]:
+    """An ``openai.AsyncOpenAI`` factory pointed at :func:`openai_proxy`."""
 
     def make(api_key: str, **kwargs: Any) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{proxy_url}/openai/v1", api_key=api_key, max_retries=0, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def stripe_state() -> FakeState:
+    """What the fake Stripe serves (subscriptions, previews, the objects its lists page through)."""
+    return FakeState()
+
+
+@pytest.fixture
+async def fake_stripe(aiohttp_server: Any, stripe_state: FakeState) -> TestServer:
+    """A running fake Stripe API (:mod:`tests.support.fake_stripe`); point settings at it
+    with :func:`~tests.support.fake_stripe.with_fake_stripe`."""
+    return await aiohttp_server(fake_stripe_app(stripe_state))
+
+
+@pytest.fixture
+async def listener(aiohttp_server: Any, settings: Settings) -> TestServer:
+    """A running webhook listener (``costproxy webhooks``) on the test's settings."""
+    return await aiohttp_server(create_webhook_app(settings, settings.redis_url, settings.database_url))
+
+
+@pytest.fixture
+def deliver(listener: TestServer) -> Callable[..., Awaitable[list[int]]]:
+    """``await deliver(*events, secret=WEBHOOK_SECRET, timestamp=None)``: POST each event to
+    :func:`listener`, signed as Stripe signs it, in order; returns the statuses."""
+
+    async def send(*events: dict[str, Any], secret: str = WEBHOOK_SECRET, timestamp: int | None = None) -> list[int]:
+        statuses = []
+        async with aiohttp.ClientSession() as http:
+            for evt in events:
+                body, headers = signed(evt, secret, timestamp)
+                async with http.post(listener.make_url("/stripe/webhook"), data=body, headers=headers) as resp:
+                    statuses.append(resp.status)
+        return statuses
+
+    return send

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .mock_upstreams import RECEIVED, Received, _texts, mock_usage
+from .mock_upstreams import RECEIVED, Received, mock_usage, texts_of
 
 SENT = web.AppKey("sent", list)
 CREDENTIALS = web.AppKey("credentials", tuple)
@@ -75,46 +75,71 @@ def signature_error(request: web.Request, body: bytes) -> web.Response | None:
         return bedrock_error(403, "UnrecognizedClientException", "The security token included in the request is invalid.")
     signed = auth["signed"].split(";")
     aws = AWSRequest(
-        method=request.method, url=f"http://{request.host}{request.raw_path}", data=body,
+        method=request.method,
+        url=f"http://{request.host}{request.raw_path}",
+        data=body,
         headers={name: request.headers.get(name, "") for name in signed},
     )
     aws.context["timestamp"] = request.headers.get("X-Amz-Date", "")
     signer = SigV4Auth(Credentials(access_key, secret, token), auth["service"], auth["region"])
     expected = signer.signature(signer.string_to_sign(aws, signer.canonical_request(aws)), aws)
-    if (auth["region"], auth["service"], auth["date"]) != (OPERATOR_REGION, "bedrock", aws.context["timestamp"][:8]) or expected != auth["signature"]:
-        return bedrock_error(403, "InvalidSignatureException", "The request signature we calculated does not match the signature you provided.")
+    scope = (auth["region"], auth["service"], auth["date"])
+    if scope != (OPERATOR_REGION, "bedrock", aws.context["timestamp"][:8]) or expected != auth["signature"]:
+        return bedrock_error(
+            403, "InvalidSignatureException", "The request signature we calculated does not match the signature you provided."
+        )
     return None
 
 
 def bedrock_error(status: int, kind: str, message: str) -> web.Response:
-    return web.json_response({"message": message}, status=status, headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"})
+    return web.json_response(
+        {"message": message},
+        status=status,
+        headers={"x-amzn-ErrorType": f"{kind}:http://internal.amazon.com/coral/com.amazon.bedrock/"},
+    )
 
 
 # answers -------------------------------------------------------------------------------------
 def _usage(request: web.Request) -> dict[str, int]:
     u = mock_usage(request)
-    return {"prompt": u["prompt"], "completion": u["completion"], "cached": u["cached"],
-            "write": u.get("write", 0), "write1h": u.get("write1h", 0)}
+    return {
+        "prompt": u["prompt"],
+        "completion": u["completion"],
+        "cached": u["cached"],
+        "write": u.get("write", 0),
+        "write1h": u.get("write1h", 0),
+    }
 
 
 def converse_usage(u: dict[str, int]) -> dict[str, Any]:
-    usage = {"inputTokens": u["prompt"], "outputTokens": u["completion"],
-             "totalTokens": u["prompt"] + u["cached"] + u["write"] + u["completion"],
-             "cacheReadInputTokens": u["cached"], "cacheWriteInputTokens": u["write"]}
+    usage = {
+        "inputTokens": u["prompt"],
+        "outputTokens": u["completion"],
+        "totalTokens": u["prompt"] + u["cached"] + u["write"] + u["completion"],
+        "cacheReadInputTokens": u["cached"],
+        "cacheWriteInputTokens": u["write"],
+    }
     if u["write1h"]:
-        usage["cacheDetails"] = [{"ttl": "5m", "inputTokens": u["write"] - u["write1h"]}, {"ttl": "1h", "inputTokens": u["write1h"]}]
+        usage["cacheDetails"] = [
+            {"ttl": "5m", "inputTokens": u["write"] - u["write1h"]},
+            {"ttl": "1h", "inputTokens": u["write1h"]},
+        ]
     return usage
 
 
 def claude_usage(u: dict[str, int]) -> dict[str, Any]:
-    return {"input_tokens": u["prompt"], "cache_read_input_tokens": u["cached"], "cache_creation_input_tokens": u["write"],
-            "cache_creation": {"ephemeral_5m_input_tokens": u["write"] - u["write1h"], "ephemeral_1h_input_tokens": u["write1h"]},
-            "output_tokens": u["completion"]}
+    return {
+        "input_tokens": u["prompt"],
+        "cache_read_input_tokens": u["cached"],
+        "cache_creation_input_tokens": u["write"],
+        "cache_creation": {"ephemeral_5m_input_tokens": u["write"] - u["write1h"], "ephemeral_1h_input_tokens": u["write1h"]},
+        "output_tokens": u["completion"],
+    }
 
 
 def _converse_events(request: web.Request, u: dict[str, int]) -> list[bytes]:
     events = [event("messageStart", {"role": "assistant"})]
-    events += [event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": t}}) for t in _texts(request)]
+    events += [event("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": t}}) for t in texts_of(request)]
     events += [event("contentBlockStop", {"contentBlockIndex": 0}), event("messageStop", {"stopReason": "end_turn"})]
     if request.headers.get("x-mock-scenario") != "no-usage":
         events.append(event("metadata", {"usage": converse_usage(u), "metrics": {"latencyMs": 42}}))
@@ -122,45 +147,83 @@ def _converse_events(request: web.Request, u: dict[str, int]) -> list[bytes]:
 
 
 def _metrics(u: dict[str, int]) -> dict[str, Any]:
-    return {"inputTokenCount": u["prompt"], "outputTokenCount": u["completion"], "invocationLatency": 42,
-            "firstByteLatency": 7, "cacheReadInputTokenCount": u["cached"], "cacheWriteInputTokenCount": u["write"]}
+    return {
+        "inputTokenCount": u["prompt"],
+        "outputTokenCount": u["completion"],
+        "invocationLatency": 42,
+        "firstByteLatency": 7,
+        "cacheReadInputTokenCount": u["cached"],
+        "cacheWriteInputTokenCount": u["write"],
+    }
 
 
 def _invoke_chunks(model: str, request: web.Request, u: dict[str, int]) -> list[bytes]:
     """InvokeModelWithResponseStream: the model's own chunks, base64 in ``chunk`` events."""
-    natives = _claude_natives(request, u) if "anthropic." in model else [
-        *({"generation": t, "stop_reason": None} for t in _texts(request)),
-        {"generation": "", "stop_reason": "stop", "amazon-bedrock-invocationMetrics": _metrics(u)},
-    ]
+    natives = (
+        _claude_natives(request, u)
+        if "anthropic." in model
+        else [
+            *({"generation": t, "stop_reason": None} for t in texts_of(request)),
+            {"generation": "", "stop_reason": "stop", "amazon-bedrock-invocationMetrics": _metrics(u)},
+        ]
+    )
     return [event("chunk", {"bytes": base64.b64encode(orjson.dumps(n)).decode()}) for n in natives]
 
 
 def _claude_natives(request: web.Request, u: dict[str, int]) -> list[dict[str, Any]]:
     start = {**claude_usage(u), "output_tokens": 1}
     natives: list[dict[str, Any]] = [
-        {"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant", "content": [],
-                                              "model": "claude-mock", "stop_reason": None, "usage": start}},
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_mock",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": "claude-mock",
+                "stop_reason": None,
+                "usage": start,
+            },
+        },
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
     ]
-    natives += [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in _texts(request)]
+    natives += [
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}} for t in texts_of(request)
+    ]
     if request.headers.get("x-mock-scenario") != "cut":
-        natives += [{"type": "content_block_stop", "index": 0},
-                    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": u["completion"]}},
-                    {"type": "message_stop", "amazon-bedrock-invocationMetrics": _metrics(u)}]
+        natives += [
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": u["completion"]}},
+            {"type": "message_stop", "amazon-bedrock-invocationMetrics": _metrics(u)},
+        ]
     return natives
 
 
 def _invoke_body(model: str, request: web.Request, u: dict[str, int]) -> dict[str, Any]:
-    text = "".join(_texts(request))
+    text = "".join(texts_of(request))
     if "anthropic." in model:
-        return {"id": "msg_mock", "type": "message", "role": "assistant", "model": "claude-mock",
-                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "usage": claude_usage(u)}
+        return {
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-mock",
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": claude_usage(u),
+        }
     if "meta." in model:
-        return {"generation": text, "prompt_token_count": u["prompt"], "generation_token_count": u["completion"], "stop_reason": "stop"}
+        return {
+            "generation": text,
+            "prompt_token_count": u["prompt"],
+            "generation_token_count": u["completion"],
+            "stop_reason": "stop",
+        }
     return {"outputs": [{"text": text, "stop_reason": "stop"}]}  # Mistral: usage in headers only
 
 
-async def _answer(request: web.Request, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> web.StreamResponse:
+async def _answer(
+    request: web.Request, body: bytes, content_type: str, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     request.app[SENT].append(body)
     response = web.StreamResponse(headers={"Content-Type": content_type, "x-amzn-RequestId": "req-mock", **(headers or {})})
     await response.prepare(request)
@@ -187,8 +250,11 @@ async def bedrock_handler(request: web.Request) -> web.StreamResponse:
     if action == "count-tokens":
         return await _answer(request, orjson.dumps({"inputTokens": u["prompt"]}), "application/json")
     if action == "converse":
-        out = {"output": {"message": {"role": "assistant", "content": [{"text": "".join(_texts(request))}]}},
-               "stopReason": "end_turn", "metrics": {"latencyMs": 42}}
+        out = {
+            "output": {"message": {"role": "assistant", "content": [{"text": "".join(texts_of(request))}]}},
+            "stopReason": "end_turn",
+            "metrics": {"latencyMs": 42},
+        }
         if scenario != "no-usage":
             out["usage"] = converse_usage(u)
         return await _answer(request, orjson.dumps(out), "application/json")
@@ -197,13 +263,17 @@ async def bedrock_handler(request: web.Request) -> web.StreamResponse:
     if action == "invoke":
         counts = {"X-Amzn-Bedrock-Input-Token-Count": str(u["prompt"]), "X-Amzn-Bedrock-Output-Token-Count": str(u["completion"])}
         return await _answer(request, orjson.dumps(_invoke_body(model, request, u)), "application/json", counts)
-    return await _answer(request, b"".join(_invoke_chunks(model, request, u)), EVENT_STREAM, {"X-Amzn-Bedrock-Content-Type": "application/json"})
+    chunks = b"".join(_invoke_chunks(model, request, u))
+    return await _answer(request, chunks, EVENT_STREAM, {"X-Amzn-Bedrock-Content-Type": "application/json"})
 
 
-def bedrock_app(access_key: str = OPERATOR_ACCESS_KEY, secret: str = OPERATOR_SECRET, token: str | None = None) -> web.Application:
+def bedrock_app(
+    access_key: str = OPERATOR_ACCESS_KEY, secret: str = OPERATOR_SECRET, token: str | None = None
+) -> web.Application:
     """A Bedrock runtime that accepts requests signed with these credentials."""
     app = web.Application()
     app[RECEIVED], app[SENT] = [], []
     app[CREDENTIALS] = (access_key, secret, token)
-    app.router.add_post(r"/model/{model:.+}/{action:converse|converse-stream|invoke|invoke-with-response-stream|count-tokens}", bedrock_handler)
+    actions = "converse|converse-stream|invoke|invoke-with-response-stream|count-tokens"
+    app.router.add_post(r"/model/{model:.+}/{action:" + actions + "}", bedrock_handler)
     return app

@@ -13,7 +13,18 @@ import time
 import orjson
 from aiohttp import web
 
-from .mock_upstreams import RECEIVED, _record, _sse, _stream, _texts, mock_usage, openai_app, openai_chat, openai_embeddings, openai_models
+from .mock_upstreams import (
+    RECEIVED,
+    mock_usage,
+    openai_app,
+    openai_chat,
+    openai_embeddings,
+    openai_models,
+    record,
+    sse,
+    stream_events,
+    texts_of,
+)
 
 SENT = web.AppKey("sent", list)
 
@@ -29,7 +40,7 @@ def prefixed_openai_app(prefix: str) -> web.Application:
 
 async def mistral_chat(request: web.Request) -> web.StreamResponse:
     """Mistral's chat completions: ``stream_options`` is a 422, every stream ends with usage."""
-    raw = await _record(request)
+    raw = await record(request)
     body = orjson.loads(raw)
     if "stream_options" in body:
         detail = [{"type": "extra_forbidden", "loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted"}]
@@ -37,23 +48,33 @@ async def mistral_chat(request: web.Request) -> web.StreamResponse:
     scenario = request.headers.get("x-mock-scenario", "")
     if scenario.startswith("error-"):
         status = int(scenario[6:])
-        return web.json_response({"object": "error", "message": f"mock upstream error {status}", "type": "api_error", "code": str(status)}, status=status)
+        error = {"object": "error", "message": f"mock upstream error {status}", "type": "api_error", "code": str(status)}
+        return web.json_response(error, status=status)
     u = mock_usage(request)
     usage = {"prompt_tokens": u["prompt"], "completion_tokens": u["completion"], "total_tokens": u["prompt"] + u["completion"]}
     base = {"id": "cmpl-mistral", "created": int(time.time()), "model": body["model"]}
-    texts = _texts(request)
+    texts = texts_of(request)
     if not body.get("stream"):
         message = {"role": "assistant", "content": "".join(texts), "tool_calls": None}
-        out = orjson.dumps({**base, "object": "chat.completion", "usage": usage,
-                            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        out = orjson.dumps(
+            {
+                **base,
+                "object": "chat.completion",
+                "usage": usage,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            }
+        )
         request.app[SENT].append(out)
         return web.Response(body=out, content_type="application/json")
     chunk = {**base, "object": "chat.completion.chunk"}
-    events = [_sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}]}) for t in texts]
-    events.append(_sse({**chunk, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}], "usage": usage}))
+    events = [
+        sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": t}, "finish_reason": None}]})
+        for t in texts
+    ]
+    events.append(sse({**chunk, "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}], "usage": usage}))
     events.append(b"data: [DONE]\n\n")
     request.app[SENT].append(b"".join(events))
-    return await _stream(request, events)
+    return await stream_events(request, events)
 
 
 def mistral_app() -> web.Application:

@@ -1,6 +1,6 @@
 """A local server that speaks the Gemini API (``generativelanguage.googleapis.com``), for tests and the benchmark.
 
-Steered per request like :mod:`tests.mock_upstreams` (the same header names):
+Steered per request like :mod:`tests.support.mock_upstreams` (the same header names):
 
 ``x-mock-usage``     ``prompt`` = ``promptTokenCount`` (cached tokens included), ``cached`` =
                      ``cachedContentTokenCount``, ``completion`` = ``candidatesTokenCount``,
@@ -23,10 +23,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .mock_upstreams import RECEIVED, _record, _scenario, _stream, _texts, mock_usage
+from .mock_upstreams import RECEIVED, mock_usage, record, scenario_of, stream_events, texts_of
 
-_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
+_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
 
 
 def google_error(status: int) -> web.Response:
@@ -37,7 +44,8 @@ def google_error(status: int) -> web.Response:
 
 def _usage_metadata(u: dict[str, int], completion: int) -> dict[str, Any]:
     meta: dict[str, Any] = {"promptTokenCount": u["prompt"], "candidatesTokenCount": completion}
-    for field, name in (("cachedContentTokenCount", "cached"), ("thoughtsTokenCount", "reasoning"), ("toolUsePromptTokenCount", "tool")):
+    optional = (("cachedContentTokenCount", "cached"), ("thoughtsTokenCount", "reasoning"), ("toolUsePromptTokenCount", "tool"))
+    for field, name in optional:
         if u.get(name):
             meta[field] = u[name]
     meta["totalTokenCount"] = u["prompt"] + completion + u.get("reasoning", 0) + u.get("tool", 0)
@@ -67,12 +75,13 @@ def _json_array_pieces(chunks: list[dict[str, Any]]) -> list[bytes]:
 
 
 async def model_call(request: web.Request) -> web.StreamResponse:
-    raw = await _record(request)
+    raw = await record(request)
     model, _, action = request.match_info["call"].partition(":")
     u = mock_usage(request)
     if action == "countTokens":
-        return web.json_response({"totalTokens": u["prompt"], "promptTokensDetails": [{"modality": "TEXT", "tokenCount": u["prompt"]}]})
-    scenario = _scenario(request)
+        details = [{"modality": "TEXT", "tokenCount": u["prompt"]}]
+        return web.json_response({"totalTokens": u["prompt"], "promptTokensDetails": details})
+    scenario = scenario_of(request)
     if scenario.startswith("error-"):
         return google_error(int(scenario[6:]))
     with_usage = scenario != "no-usage"
@@ -83,7 +92,7 @@ async def model_call(request: web.Request) -> web.StreamResponse:
         if with_usage:
             out["usageMetadata"] = {"promptTokenCount": u["prompt"], "totalTokenCount": u["prompt"]}
         return web.json_response(out)
-    texts = _texts(request)
+    texts = texts_of(request)
     if action == "generateContent":
         return web.json_response(_chunk(model, "".join(texts), _usage_metadata(u, u["completion"]) if with_usage else None, True))
     if action != "streamGenerateContent":
@@ -94,14 +103,23 @@ async def model_call(request: web.Request) -> web.StreamResponse:
         for i, text in enumerate(texts)
     ]
     if request.query.get("alt") == "sse":
-        return await _stream(request, [b"data: " + orjson.dumps(c) + b"\r\n\r\n" for c in chunks])
-    return await _stream(request, _json_array_pieces(chunks))
+        return await stream_events(request, [b"data: " + orjson.dumps(c) + b"\r\n\r\n" for c in chunks])
+    return await stream_events(request, _json_array_pieces(chunks))
 
 
 async def list_models(request: web.Request) -> web.Response:
-    await _record(request)
-    return web.json_response({"models": [{"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash",
-                                          "supportedGenerationMethods": ["generateContent", "countTokens"]}]})
+    await record(request)
+    return web.json_response(
+        {
+            "models": [
+                {
+                    "name": "models/gemini-2.5-flash",
+                    "displayName": "Gemini 2.5 Flash",
+                    "supportedGenerationMethods": ["generateContent", "countTokens"],
+                }
+            ]
+        }
+    )
 
 
 async def _array_stream_is_json(request: web.Request, response: web.StreamResponse) -> None:
