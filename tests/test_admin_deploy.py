@@ -14,8 +14,8 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-import proxy.admin.gauges  # noqa: F401 - registers the business gauges
-import proxy.metrics  # noqa: F401 - registers the proxy's collectors
+import proxy.metrics
+import proxy.reports.gauges  # noqa: F401 - registers the business gauges
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -40,8 +40,14 @@ def test_grafana_dashboard_uses_exported_metrics_only():
     assert len(exprs) >= 25
     used = set().union(*(metric_names(e) for e in exprs))
     assert used and used <= known, used - known
-    for required in ("costproxy_requests_total", "costproxy_refusals_total", "costproxy_cost_micro_usd_total",
-                     "costproxy_overhead_seconds_bucket", "costproxy_usage_log_lag_events", "costproxy_margin_ratio"):
+    for required in (
+        "costproxy_requests_total",
+        "costproxy_refusals_total",
+        "costproxy_cost_micro_usd_total",
+        "costproxy_overhead_seconds_bucket",
+        "costproxy_usage_log_lag_events",
+        "costproxy_margin_ratio",
+    ):
         assert required in used
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
@@ -51,8 +57,19 @@ def test_grafana_dashboard_uses_exported_metrics_only():
 def test_alert_rules_cover_the_issue_and_use_exported_metrics():
     rules = [r for g in yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     names = {r["alert"] for r in rules}
-    assert {"CostproxyUpstreamErrorRate", "CostproxyUsageLogLag", "CostproxyRedisUnreachable",
-            "CostproxyPostgresUnreachable", "CostproxyMarginBelowTarget"} <= names
+    assert {
+        "CostproxyUpstreamErrorRate",
+        "CostproxyUsageLogLag",
+        "CostproxyRedisUnreachable",
+        "CostproxyPostgresUnreachable",
+        "CostproxyMarginBelowTarget",
+        "CostproxyLedgerMismatch",  # the scheduled ledger check found differences
+        "CostproxyLedgerCheckStale",  # no ledger check has finished lately
+    } <= names
+    by_name = {r["alert"]: r for r in rules}
+    assert "costproxy_ledger_check_differences" in metric_names(by_name["CostproxyLedgerMismatch"]["expr"])
+    assert by_name["CostproxyLedgerMismatch"]["labels"]["severity"] == "critical"
+    assert "costproxy_ledger_check_last_run_timestamp_seconds" in metric_names(by_name["CostproxyLedgerCheckStale"]["expr"])
     known = exported() | FROM_ELSEWHERE
     for rule in rules:
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
@@ -69,6 +86,10 @@ def test_scrape_config_covers_proxy_and_worker():
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
 def test_promtool_accepts_the_rules_and_their_unit_tests():
     folder = DEPLOY / "prometheus"
-    for command in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"], ["test", "rules", "alerts_test.yml"]):
+    for command in (
+        ["check", "rules", "alerts.yml"],
+        ["check", "config", "prometheus.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ):
         done = subprocess.run(["promtool", *command], cwd=folder, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr

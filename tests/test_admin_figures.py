@@ -15,33 +15,39 @@ Paying at 03-01 00:00: u2, u3, u5 = 3. Paying at 04-01 00:00: u1, u3, u5, u6 = 4
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy.admin import figures
-from proxy.admin.periods import Period, between, day_of
+from proxy.reports import figures
+from proxy.reports.periods import Period, between, day_of
 from proxy.tiers import TiersFile
 
-from . import admin_support as db
-from .admin_support import admin_proxy, bearer, fresh_database
+from .support import admin as db
+from .support.admin import ADMIN_TOKEN, bearer
+from .support.money import allowances
+from .support.servers import fresh_database
 
-TIERS = TiersFile.model_validate({
-    "default_tier": "free",
-    "tiers": {
-        "free": {"price_usd": 0, "monthly_credits": 50, "providers": ["openai"]},
-        "starter": {"price_usd": 19, "providers": ["openai"]},
-        "professional": {"price_usd": 99, "providers": ["openai"]},
-        "enterprise": {"price_usd": 499, "rollover": True, "providers": ["openai"]},
-    },
-})
+TIERS = TiersFile.model_validate(
+    {
+        "default_tier": "free",
+        "tiers": {
+            "free": {"price_usd": 0, "monthly_credits": 50, "providers": ["openai"]},
+            "starter": {"price_usd": 19, "providers": ["openai"]},
+            "professional": {"price_usd": 99, "providers": ["openai"]},
+            "enterprise": {"price_usd": 499, "rollover": True, "providers": ["openai"]},
+        },
+    }
+)
+#: the hand-made tiers' allowances in µ$ (the figures below are worked out from them)
+ALLOWANCE = allowances(TIERS)
 MARCH = between(date(2024, 3, 1), date(2024, 3, 31))
 
 
 def at(month: int, day: int, hour: int = 12, minute: int = 0, second: int = 0) -> datetime:
-    return datetime(2024, month, day, hour, minute, second, tzinfo=timezone.utc)
+    return datetime(2024, month, day, hour, minute, second, tzinfo=UTC)
 
 
 async def seed(conn: Any) -> None:
@@ -70,22 +76,36 @@ async def seed(conn: Any) -> None:
         await db.invoice(conn, *inv[:7], refunded=inv[7], disputed=inv[8])
 
     # the credits those invoices granted, keyed inv_<invoice> as billing keys them (µ$)
-    await db.ledger(conn, "inv_in_a", "u2", "reset", 2_800_000, 3_800_000, at(3, 1, 10))      # 1.0 $ left, not rolled over
-    await db.ledger(conn, "inv_in_b", "u3", "reset", 19_300_000, 19_800_000, at(3, 2))
-    await db.ledger(conn, "inv_in_c", "u1", "reset", 3_300_000, 3_800_000, at(3, 5))          # free credits replaced
-    await db.ledger(conn, "inv_in_d", "u5", "reset", 99_800_000, 101_800_000, at(3, 3))       # rollover of 2 $
-    await db.ledger(conn, "inv_in_e", "u6", "reset", 3_800_000, 3_800_000, at(3, 12))
-    await db.ledger(conn, "inv_in_h", "u6", "grant", 8_000_000, 11_000_000, at(3, 20))        # prorated upgrade
-    await db.ledger(conn, "inv_in_feb", "u3", "reset", 19_800_000, 19_800_000, at(2, 2))      # February
-    await db.ledger(conn, "grant_goodwill", "u3", "grant", 1_000_000, 20_800_000, at(3, 4))   # not an allowance
-    await db.ledger(conn, "reset_free_u4", "u4", "reset", 500_000, 500_000, at(3, 10))        # free tier
+    starter, professional, enterprise, free = (ALLOWANCE[t] for t in ("starter", "professional", "enterprise", "free"))
+    await db.ledger(conn, "inv_in_a", "u2", "reset", starter - 1_000_000, starter, at(3, 1, 10))  # 1.0 $ left, not rolled over
+    await db.ledger(conn, "inv_in_b", "u3", "reset", professional - 500_000, professional, at(3, 2))
+    await db.ledger(conn, "inv_in_c", "u1", "reset", starter - free, starter, at(3, 5))  # free credits replaced
+    await db.ledger(conn, "inv_in_d", "u5", "reset", enterprise, enterprise + 2_000_000, at(3, 3))  # rollover of 2 $
+    await db.ledger(conn, "inv_in_e", "u6", "reset", starter, starter, at(3, 12))
+    await db.ledger(conn, "inv_in_h", "u6", "grant", 8_000_000, starter - 800_000 + 8_000_000, at(3, 20))  # prorated, 0.8 $ used
+    await db.ledger(conn, "inv_in_feb", "u3", "reset", professional, professional, at(2, 2))  # February
+    await db.ledger(conn, "grant_goodwill", "u3", "grant", 1_000_000, professional + 1_000_000, at(3, 4))  # not an allowance
+    await db.ledger(conn, "reset_free_u4", "u4", "reset", free, free, at(3, 10))  # free tier
 
     # requests (cost in µ$)
     await db.usage(conn, "u2", "starter", "openai", "gpt-4o-mini", at(3, 2), uncached=1000, cached=200, output=300, cost=345)
-    await db.usage(conn, "u3", "professional", "anthropic", "claude-sonnet-4", at(3, 3), uncached=5000, cache_write=1000, output=2000, cost=123_456)
+    await db.usage(
+        conn,
+        "u3",
+        "professional",
+        "anthropic",
+        "claude-sonnet-4",
+        at(3, 3),
+        uncached=5000,
+        cache_write=1000,
+        output=2000,
+        cost=123_456,
+    )
     await db.usage(conn, "u3", "professional", "openai", "gpt-4o", at(3, 3), uncached=2000, output=500, cost=10_000)
     await db.usage(conn, "u4", "free", "openai", "gpt-4o-mini", at(3, 10), uncached=100, output=50, cost=45)
-    await db.usage(conn, "u5", "enterprise", "google", "gemini-2.5-pro", at(3, 31, 23, 59, 59), uncached=10_000, output=1000, cost=2_000_000)
+    await db.usage(
+        conn, "u5", "enterprise", "google", "gemini-2.5-pro", at(3, 31, 23, 59, 59), uncached=10_000, output=1000, cost=2_000_000
+    )
     await db.usage(conn, "u6", "starter", "openai", "gpt-4o-mini", at(4, 1, 0, 0, 0), uncached=10, cost=999_999)  # April
     await db.usage(conn, "u1", "starter", "openai", "gpt-4o-mini", at(2, 29, 23, 59, 59), uncached=10, cost=777)  # February
 
@@ -110,21 +130,32 @@ async def test_march_figures_to_the_cent(pool):
     f = await figures.compute(pool, MARCH, TIERS)
 
     assert f["accounts"] == {
-        "signups": 2,            # u4, u6
-        "upgrades": 2,           # u1, u6
-        "downgrades": 1,         # u5
-        "cancellations": 1,      # u2 (u3 cancels in April)
+        "signups": 2,  # u4, u6
+        "upgrades": 2,  # u1, u6
+        "downgrades": 1,  # u5
+        "cancellations": 1,  # u2 (u3 cancels in April)
         "paying_users_start": 3,  # u2, u3, u5
-        "paying_users_end": 4,    # u1, u3, u5, u6
+        "paying_users_end": 4,  # u1, u3, u5, u6
     }
     # 5 requests in March; input counts cached tokens and cache writes too
-    assert f["usage"] == {"requests": 5, "input_tokens": 1200 + 6000 + 2000 + 100 + 10_000, "output_tokens": 3850, "tokens": 23_150}
+    assert f["usage"] == {
+        "requests": 5,
+        "input_tokens": 1200 + 6000 + 2000 + 100 + 10_000,
+        "output_tokens": 3850,
+        "tokens": 23_150,
+    }
 
     # gross 1900+9900+1900+49900+1900+6000 = 71,500 ¢; fees 85+317+85+1477+85+204 = 2,253 ¢
     # net = 71,500 − 2,253 − 1,900 refunded − 1,900 disputed = 65,447 ¢
     assert f["revenue"] == {
-        "invoices": 6, "gross_cents": 71_500, "stripe_fee_cents": 2_253, "refunded_cents": 1_900, "disputed_cents": 1_900,
-        "net_cents": 65_447, "gross_usd": "715.00", "net_usd": "654.47",
+        "invoices": 6,
+        "gross_cents": 71_500,
+        "stripe_fee_cents": 2_253,
+        "refunded_cents": 1_900,
+        "disputed_cents": 1_900,
+        "net_cents": 65_447,
+        "gross_usd": "715.00",
+        "net_usd": "654.47",
     }
     # 345 + 123,456 + 10,000 + 45 + 2,000,000 = 2,133,846 µ$; the free tier's 45 µ$ is outside the budget
     assert f["api_cost"] == {"micro": 2_133_846, "usd": "2.133846", "paid_tiers_micro": 2_133_801, "free_tiers_micro": 45}
@@ -137,27 +168,55 @@ async def test_march_figures_to_the_cent(pool):
     assert f["churn"] == {"cancellations": 1, "paying_users_start": 3, "rate_pct": "33.33"}
     # allowances of March's paid invoices: 3.8 + 19.8 + 3.8 + 99.8 (2 $ rolled over is not new) + 3.8 + 8.0 = 139 $
     assert f["budget"] == {
-        "allocated_micro": 139_000_000, "allocated_usd": "139.000000",
-        "used_micro": 2_133_801, "used_usd": "2.133801",
-        "unused_micro": 136_866_199, "unused_usd": "136.866199",
+        "allocated_micro": 139_000_000,
+        "allocated_usd": "139.000000",
+        "used_micro": 2_133_801,
+        "used_usd": "2.133801",
+        "unused_micro": 136_866_199,
+        "unused_usd": "136.866199",
         "used_pct": "1.54",  # 2,133,801 / 139,000,000 = 1.5351…%
     }
     model = f["margin_model"]
     assert model["planned_profit_micro"] == 654_470_000 - 139_000_000 == 515_470_000
     assert model["planned_margin_pct"] == "78.76"  # 515,470,000 / 654,470,000 = 78.761…%
     # the margin model adds up: planned profit + unused allowance − free-tier cost = profit
-    assert model["planned_profit_micro"] + model["unused_allowance_micro"] - model["free_tier_cost_micro"] == model["profit_micro"]
+    planned, unused = model["planned_profit_micro"], model["unused_allowance_micro"]
+    assert planned + unused - model["free_tier_cost_micro"] == model["profit_micro"]
     # tiers now (u3 cancelled in April): free u2 u3 u4, starter u1, professional u5 u6
     assert [(t["tier"], t["users"], t["paid"]) for t in f["tiers"]] == [
-        ("free", 3, False), ("starter", 1, True), ("professional", 2, True), ("enterprise", 0, True),
+        ("free", 3, False),
+        ("starter", 1, True),
+        ("professional", 2, True),
+        ("enterprise", 0, True),
     ]
     assert f["providers"] == [
-        {"provider": "anthropic", "requests": 1, "tokens": 8000, "cost_micro": 123_456, "cost_usd": "0.123456",
-         "request_share_pct": "20.00", "cost_share_pct": "5.79"},      # 123,456 / 2,133,846 = 5.7856…%
-        {"provider": "google", "requests": 1, "tokens": 11_000, "cost_micro": 2_000_000, "cost_usd": "2.000000",
-         "request_share_pct": "20.00", "cost_share_pct": "93.73"},     # 93.7275…%
-        {"provider": "openai", "requests": 3, "tokens": 1500 + 2500 + 150, "cost_micro": 10_390, "cost_usd": "0.010390",
-         "request_share_pct": "60.00", "cost_share_pct": "0.49"},      # 0.4869…%
+        {
+            "provider": "anthropic",
+            "requests": 1,
+            "tokens": 8000,
+            "cost_micro": 123_456,
+            "cost_usd": "0.123456",
+            "request_share_pct": "20.00",
+            "cost_share_pct": "5.79",
+        },  # 123,456 / 2,133,846 = 5.7856…%
+        {
+            "provider": "google",
+            "requests": 1,
+            "tokens": 11_000,
+            "cost_micro": 2_000_000,
+            "cost_usd": "2.000000",
+            "request_share_pct": "20.00",
+            "cost_share_pct": "93.73",
+        },  # 93.7275…%
+        {
+            "provider": "openai",
+            "requests": 3,
+            "tokens": 1500 + 2500 + 150,
+            "cost_micro": 10_390,
+            "cost_usd": "0.010390",
+            "request_share_pct": "60.00",
+            "cost_share_pct": "0.49",
+        },  # 0.4869…%
     ]
 
 
@@ -185,23 +244,31 @@ async def test_a_day_without_revenue_has_no_margin(pool):
     assert f["margin"]["pct"] is None and f["arpu"]["paying_users"] == 4
 
 
-async def test_figures_api_and_openapi_schema(aiohttp_server, settings):
+async def test_figures_api_and_openapi_schema(start_proxy):
     from jsonschema import Draft202012Validator
 
-    base = await admin_proxy(aiohttp_server, settings)
+    base = (await start_proxy(admin_token=ADMIN_TOKEN)).url
     async with aiohttp.ClientSession(headers=bearer()) as http:
-        async with http.get(f"{base}/admin/api/figures", params={"period": "range", "from": "2024-03-01", "to": "2024-03-31"}) as resp:
+        async with http.get(
+            f"{base}/admin/api/figures", params={"period": "range", "from": "2024-03-01", "to": "2024-03-31"}
+        ) as resp:
             assert resp.status == 200
             report = await resp.json()
         async with http.get(f"{base}/admin/openapi.json") as resp:
             document = await resp.json()
-        async with http.get(f"{base}/admin/api/figures", params={"period": "range", "from": "2024-03-31", "to": "2024-03-01"}) as resp:
+        async with http.get(
+            f"{base}/admin/api/figures", params={"period": "range", "from": "2024-03-31", "to": "2024-03-01"}
+        ) as resp:
             assert resp.status == 400
             assert "to must not be before from" in (await resp.json())["error"]["message"]
     assert report["current"]["revenue"]["net_usd"] == "654.47"
     assert report["current"]["margin"]["pct"] == "99.67"
     assert report["previous"]["period"] == {
-        "name": "previous", "from": "2024-01-30", "to": "2024-02-29", "start": "2024-01-30T00:00:00Z", "end": "2024-03-01T00:00:00Z",
+        "name": "previous",
+        "from": "2024-01-30",
+        "to": "2024-02-29",
+        "start": "2024-01-30T00:00:00Z",
+        "end": "2024-03-01T00:00:00Z",
     }
     # February: u3's invoice 9,900 − 317 ¢ and u1's request of 777 µ$
     assert report["previous"]["revenue"]["net_cents"] == 9_583 and report["previous"]["api_cost"]["micro"] == 777
@@ -213,15 +280,15 @@ async def test_figures_api_and_openapi_schema(aiohttp_server, settings):
 
 
 def test_periods():
-    assert MARCH == Period("range", date(2024, 3, 1), date(2024, 4, 1))
-    from proxy.admin.periods import month_of
+    assert Period("range", date(2024, 3, 1), date(2024, 4, 1)) == MARCH
+    from proxy.reports.periods import month_of
 
     assert month_of(date(2024, 2, 29)).previous() == Period("month", date(2024, 1, 1), date(2024, 2, 1))
     assert month_of(date(2024, 12, 31)).end == date(2025, 1, 1)
 
 
 async def test_business_gauges_export_this_months_margin(pool, monkeypatch):
-    from proxy.admin import gauges
+    from proxy.reports import gauges
 
     monkeypatch.setattr(gauges.periods, "utc_today", lambda: date(2024, 3, 15))
     month = await gauges.refresh(pool, TIERS)

@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 from proxy.accounts import Accounts
-from proxy.admin import figures, usage_query
-from proxy.admin.periods import day_of, month_of, utc_today
-from proxy.rollup import refresh_rollup, write_usage
 from proxy.config import load_config
 from proxy.keys import KeyMirror
-from proxy.usage import _rows as usage_rows
+from proxy.ledger import LedgerEntry, UsageEvent, decode_entry
+from proxy.reports import figures, usage_query
+from proxy.reports.periods import day_of, month_of, utc_today
+from proxy.rollup import refresh_rollup, write_usage
+from proxy.usage import usage_row
 
-from .admin_support import Recorder, fresh_database
+from .support.admin import Recorder
+from .support.money import ALLOWANCE
+from .support.servers import fresh_database
 
 ROWS = 1_000_000
 USERS = 200
@@ -68,7 +71,7 @@ INSERT INTO invoices (id, user_id, billing_reason, tier, currency, amount_paid, 
 SELECT 'in_' || u.id || '_' || m, u.id, 'subscription_cycle', u.tier, 'usd', 1900, 85, now() - m * interval '30 days'
 FROM users u, generate_series(0, 2) m WHERE u.tier <> 'free';
 INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, created_at)
-SELECT 'inv_' || id, user_id, 'reset', 3800000, 3800000, paid_at FROM invoices;
+SELECT 'inv_' || id, user_id, 'reset', {ALLOWANCE["starter"]}, {ALLOWANCE["starter"]}, paid_at FROM invoices;
 """
 
 
@@ -108,7 +111,8 @@ async def test_dashboard_queries_use_indexes_and_the_rollup(million_db, settings
     try:
         assert await conn.fetchval("SELECT count(*) FROM usage_events") == ROWS
         # the rollup holds the same totals in far fewer rows
-        rollup_rows, rollup_requests, rollup_cost = await conn.fetchrow("SELECT count(*), sum(requests), sum(cost_micro) FROM usage_daily")
+        totals = "SELECT count(*), sum(requests), sum(cost_micro) FROM usage_daily"
+        rollup_rows, rollup_requests, rollup_cost = await conn.fetchrow(totals)
         assert rollup_requests == ROWS and rollup_cost == await conn.fetchval("SELECT sum(cost_micro) FROM usage_events")
         assert rollup_rows < ROWS / 10
 
@@ -120,8 +124,11 @@ async def test_dashboard_queries_use_indexes_and_the_rollup(million_db, settings
         month_report = await figures.report(recorder, month_of(today), tiers)
         await usage_query.run(recorder, usage_query.parse({"group": "day", "from": str(month_of(today).start), "to": str(today)}))
         await usage_query.run(recorder, usage_query.parse({"group": "day,model", "user": "u7"}))
-        await usage_query.run(recorder, usage_query.parse({"group": "day", "key": "key_u7", "from": str(today - timedelta(days=29))}))
-        service = Accounts(recorder, ledger, KeyMirror(redis, settings.redis_prefix), load_config(settings.pricing_file, settings.tiers_file))
+        last_30_days = {"group": "day", "key": "key_u7", "from": str(today - timedelta(days=29))}
+        await usage_query.run(recorder, usage_query.parse(last_30_days))
+        service = Accounts(
+            recorder, ledger, KeyMirror(redis, settings.redis_prefix), load_config(settings.pricing_file, settings.tiers_file)
+        )
         await service.list_users("user1", 50, 0)
         await service.show("u7", 100)
         print(f"dashboard queries over {ROWS:,} rows took {time.perf_counter() - started:.3f} s")
@@ -150,23 +157,49 @@ def empty_db(servers: tuple[str, str]):
 async def test_rollup_counts_a_replayed_batch_once_and_matches_a_rebuild(empty_db):
     def row(n: int, at: datetime, cost: int) -> tuple[Any, ...]:
         """A usage row as the usage log makes it from a charge on the ledger stream."""
+        usage = UsageEvent(
+            key_id="key_ur",
+            provider="openai",
+            model="gpt-4o",
+            tier="starter",
+            input_tokens=100,
+            cached_input_tokens=10,
+            cache_write_tokens=5,
+            output_tokens=50,
+            reasoning_tokens=0,
+            estimated=False,
+            stream=True,
+            status=200,
+            latency_ms=90,
+        )
         fields = {
-            "kind": "charge", "id": f"chg_r{n}", "user": "ur", "amount": str(-cost), "balance": "0",
-            "ts": str(int(at.timestamp() * 1000)), "hold": f"hold_r{n}", "key": "key_ur", "provider": "openai",
-            "model": "gpt-4o", "tier": "starter", "in": "100", "cached": "10", "cache_write": "5", "out": "50",
-            "reasoning": "0", "estimated": "0", "stream": "1", "status": "200", "ms": "90",
+            "kind": "charge",
+            "id": f"chg_r{n}",
+            "user": "ur",
+            "amount": str(-cost),
+            "balance": "0",
+            "ts": str(int(at.timestamp() * 1000)),
+            "hold": f"hold_r{n}",
+            "e": usage.encode().decode(),
         }
-        return usage_rows(fields)[1]
+        entry = decode_entry(fields, f"{n}-0")
+        assert isinstance(entry, LedgerEntry)
+        made = usage_row(entry)
+        assert made is not None
+        return made
 
     columns = "SELECT day, requests, input_tokens, cached_input_tokens, output_tokens, cost_micro FROM usage_daily ORDER BY day"
     conn = await asyncpg.connect(empty_db)
     try:
-        day = datetime(2024, 5, 1, 23, 59, 59, tzinfo=timezone.utc)
+        day = datetime(2024, 5, 1, 23, 59, 59, tzinfo=UTC)
         rows = [row(1, day, 100), row(2, day, 200), row(3, day + timedelta(seconds=1), 400)]
         for r in rows:
             await conn.execute(
-                "INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, created_at) VALUES ($1, 'ur', 'charge', $2, 0, $3)",
-                r[0], -r[11], r[16],
+                "INSERT INTO ledger (id, user_id, kind, amount_micro, balance_micro, created_at)"
+                " VALUES ($1, 'ur', 'charge', $2, 0, $3)",
+                r[0],
+                -r[11],
+                r[16],
             )
         async with conn.transaction():
             await write_usage(conn, rows[:2])

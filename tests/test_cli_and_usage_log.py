@@ -6,18 +6,29 @@ import asyncio
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
+from proxy.config import load_config
+from proxy.price_versions import store_version
+from proxy.pricing import price_version
 from proxy.usage import UsageLog
+
+from .support.accounts import account
+from .support.money import ALLOWANCE, credits_text
 
 
 @pytest.fixture
 def cli(settings):
     env = {
-        "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url, "REDIS_PREFIX": settings.redis_prefix,
-        "PRICING_FILE": str(settings.pricing_file), "TIERS_FILE": str(settings.tiers_file), "PATH": "",
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "REDIS_PREFIX": settings.redis_prefix,
+        "PRICING_FILE": str(settings.pricing_file),
+        "TIERS_FILE": str(settings.tiers_file),
+        "PATH": "",
     }
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
@@ -32,8 +43,9 @@ async def test_users_keys_and_credits_commands(cli, ledger, usage_log, openai_cl
     created = json.loads(cli("users", "create", "--email", "ada@example.com", "--tier", "professional", "--json").stdout)
     user, key = created["user_id"], created["api_key"]
     assert key.startswith("cpk-") and user.startswith("usr_")
-    assert int((await ledger.account(user))["balance"]) == 1980 * 10_000
-    assert "already exists" in cli("users", "create", "--email", "ada@example.com", "--tier", "free", ok=False).stderr
+    assert (await account(ledger, user)).balance == ALLOWANCE["professional"]
+    for taken in ("ada@example.com", "ADA@Example.com"):  # an address has one account whatever its case
+        assert "already exists" in cli("users", "create", "--email", taken, "--tier", "free", ok=False).stderr
     assert "unknown tier 'gold'" in cli("users", "create", "--email", "bob@example.com", "--tier", "gold", ok=False).stderr
 
     await openai_client(key).chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
@@ -47,15 +59,20 @@ async def test_users_keys_and_credits_commands(cli, ledger, usage_log, openai_cl
     assert listed[second["key_id"]]["revoked_at"] is not None and listed[created["key_id"]]["revoked_at"] is None
 
     granted = json.loads(cli("credits", "grant", user, "--credits", "25", "--reason", "goodwill", "--json").stdout)
-    assert granted["balance_micro_usd"] == 1980 * 10_000 - 345 + 250_000
+    balance = ALLOWANCE["professional"] - 345 + 250_000
+    assert granted["balance_micro_usd"] == balance
 
     while await usage_log.drain_once():
         pass
     shown = json.loads(cli("credits", "show", user, "--json").stdout)
-    assert int(shown["account"]["balance"]) == shown["ledger_sum_micro"] == 1980 * 10_000 - 345 + 250_000
-    assert [(r["kind"], r["amount_micro"]) for r in shown["ledger"]] == [("grant", 250_000), ("charge", -345), ("grant", 19_800_000)]
+    assert int(shown["account"]["balance"]) == shown["ledger_sum_micro"] == balance
+    assert [(r["kind"], r["amount_micro"]) for r in shown["ledger"]] == [
+        ("grant", 250_000),
+        ("charge", -345),
+        ("grant", ALLOWANCE["professional"]),
+    ]
     text = cli("credits", "show", "ada@example.com").stdout
-    assert "redis balance 2004.9655 credits" in text and "ledger sum    2004.9655 credits" in text
+    assert f"redis balance {credits_text(balance)} credits" in text and f"ledger sum    {credits_text(balance)} credits" in text
 
 
 async def test_postgres_outage_delays_usage_rows_and_loses_none(redis, ledger, pool, make_customer, openai_client):
@@ -78,7 +95,8 @@ async def test_postgres_outage_delays_usage_rows_and_loses_none(redis, ledger, p
     assert await recovered.lag() == 0
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 3
     # the ledger adds up to the balance
-    assert await pool.fetchval("SELECT sum(amount_micro) FROM ledger WHERE user_id = $1", customer.user_id) == 3_800_000 - 3 * 345
+    total = await pool.fetchval("SELECT sum(amount_micro) FROM ledger WHERE user_id = $1", customer.user_id)
+    assert total == ALLOWANCE["starter"] - 3 * 345
 
 
 async def test_worker_loop_drains_in_batches_until_stopped(make_customer, openai_client, usage_log, pool):
@@ -105,29 +123,47 @@ async def test_worker_loops_outlive_a_redis_outage(make_customer, openai_client,
 
     import proxy.worker as worker
 
-    failures = {"drain": 1, "sweep": 1}
+    failures = {"drain": 1, "sweep": 1, "prune": 1}
 
-    def failing_once(name, method):
+    def failing_once(name, method, error: Exception | None = None):
         async def call(*args, **kwargs):
             if failures[name]:
                 failures[name] -= 1
-                raise RedisConnectionError("Redis is restarting")
+                raise error or RedisConnectionError("Redis is restarting")
             return await method(*args, **kwargs)
+
         return call
 
     monkeypatch.setattr(usage_log, "drain_once", failing_once("drain", usage_log.drain_once))
     monkeypatch.setattr(ledger, "expired_holds", failing_once("sweep", ledger.expired_holds))
-    monkeypatch.setattr(worker, "EXPIRY_SWEEP_SECONDS", 0.05)
+    # what asyncpg raised when Postgres shut down while a connection was being released (a worker died of it)
+    dying = asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+    monkeypatch.setattr(worker, "prune_portal", failing_once("prune", worker.prune_portal, dying))
     customer = await make_customer("starter")
     await openai_client(customer.api_key).chat.completions.create(model="gpt-4o-mini", messages=[], max_tokens=5)
 
     stop = asyncio.Event()
-    loops = asyncio.gather(usage_log.run(stop, gather_seconds=0.05), worker._sweep(ledger, accounts, stop))
+    loops = asyncio.gather(usage_log.run(stop, gather_seconds=0.05), worker._sweep(ledger, accounts, stop, every=0.05))
     for _ in range(100):
         if await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 1:
             break
         await asyncio.sleep(0.05)
     stop.set()
     await asyncio.wait_for(loops, 5)  # neither loop died of its error
-    assert failures == {"drain": 0, "sweep": 0}
+    assert failures == {"drain": 0, "sweep": 0, "prune": 0}
     assert await pool.fetchval("SELECT count(*) FROM usage_events WHERE user_id = $1", customer.user_id) == 1
+
+
+async def test_config_versions_lists_stored_versions_and_marks_the_file_on_disk(cli, settings, pool):
+    book = load_config(settings.pricing_file, settings.tiers_file).prices
+    await store_version(pool, book, datetime.now(UTC))
+    listed = {v["version"]: v for v in json.loads(cli("config", "versions", "--json").stdout)}
+    assert listed[book.version]["in_file"] and listed[book.version]["models"] == book.model_count
+    assert sum(v["in_file"] for v in listed.values()) == 1
+
+    settings.pricing_file.write_bytes(settings.pricing_file.read_bytes() + b"\n# edited\n")
+    edited = price_version(settings.pricing_file.read_bytes())
+    text = cli("config", "versions").stdout
+    assert f"{edited}  the pricing file as it is now: no process has loaded it yet" in text
+    assert book.version in text and "(pricing file)" not in text
+    assert not any(v["in_file"] for v in json.loads(cli("config", "versions", "--json").stdout))

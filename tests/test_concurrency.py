@@ -8,6 +8,8 @@ import openai
 import pytest
 import yaml
 
+from .support.accounts import account
+
 REQUESTS = 300
 START_BALANCE = 10_000  # µ$: room for at most 147 requests of 68 µ$
 # gpt-4o-mini, 50 prompt + 100 output tokens: 50 × 0.15 + 100 × 0.6 = 67.5 µ$ → 68
@@ -18,7 +20,7 @@ COST = 68
 @pytest.fixture(params=["strict", "lenient"])
 def config_files(config_files, request):
     """The starter tier with the policy under test and no request-rate limits."""
-    pricing, tiers = config_files
+    _pricing, tiers = config_files
     data = yaml.safe_load(tiers.read_text())
     starter = data["tiers"]["starter"]
     starter["admission"] = request.param
@@ -31,7 +33,9 @@ def config_files(config_files, request):
 async def _fire(client: openai.AsyncOpenAI) -> str:
     try:
         await client.chat.completions.create(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=100,
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=100,
             extra_headers={"x-mock-usage": USAGE},
         )
         return "ok"
@@ -47,11 +51,11 @@ async def test_concurrent_requests_never_overspend(config_files, make_customer, 
     outcomes = await asyncio.gather(*(_fire(client) for _ in range(REQUESTS)))
     served = outcomes.count("ok")
 
-    account = await ledger.account(customer.user_id)
-    balance = int(account["balance"])
+    after = await account(ledger, customer.user_id)
+    balance = after.balance
     assert balance == START_BALANCE - served * COST
-    assert int(account["held"]) == 0 and int(account["open_holds"]) == 0
-    assert int(account["requests"]) == served
+    assert after.held == 0 and after.open_holds == 0
+    assert after.requests == served
     assert outcomes.count("refused") == REQUESTS - served > 0
     if policy == "strict":
         assert balance >= 0

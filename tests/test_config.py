@@ -13,7 +13,7 @@ import yaml
 
 from proxy import metrics
 from proxy.config import ConfigError, load_config
-from proxy.pricing import Usage
+from proxy.pricing import ServiceTier, Usage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,8 +32,15 @@ def edit(path: Path, change) -> None:
 
 def test_shipped_files_are_valid_and_allowances_match_the_tiers():
     config = load_config(ROOT / "pricing.yaml", ROOT / "tiers.yaml")
-    allowances = {name: t.allowance_micro // 10_000 for name, t in config.tiers.tiers.items()}
-    assert allowances == {"free": 50, "starter": 380, "professional": 1980, "enterprise": 9980}
+    allowances = {name: t.allowance_micro for name, t in config.tiers.tiers.items()}
+    # exact µ$, to the last micro-dollar: free has monthly_credits 50 (× 10,000 µ$); the paid
+    # tiers are price_usd × api_budget_ratio 0.20
+    assert allowances == {
+        "free": 500_000,  # 50 credits
+        "starter": 3_800_000,  # $19 × 0.20 = $3.80
+        "professional": 19_800_000,  # $99 × 0.20 = $19.80
+        "enterprise": 99_800_000,  # $499 × 0.20 = $99.80
+    }
 
 
 def test_cost_is_exact_and_rounded_up_once():
@@ -43,10 +50,8 @@ def test_cost_is_exact_and_rounded_up_once():
     # 7 input + 3 cached + 11 output = 1.05 + 0.225 + 6.6 = 7.875 µ$ → 8 (one rounding, not three)
     assert model.cost_micro(Usage(input_tokens=7, cached_input_tokens=3, output_tokens=11)) == 8
     assert model.cost_micro(Usage(input_tokens=1_000_000, output_tokens=1_000_000)) == 750_000
-    # batch: half of 150,000 + 600,000 µ$
-    assert model.cost_micro(Usage(input_tokens=1_000_000, output_tokens=1_000_000), batch=True) == 375_000
     # priority service tier prices apply when the request asks for them
-    assert model.cost_micro(Usage(input_tokens=1_000_000), service_tier="priority") == 250_000
+    assert model.cost_micro(Usage(input_tokens=1_000_000), service_tier=ServiceTier.PRIORITY) == 250_000
 
 
 def test_dated_snapshots_fall_back_to_their_alias_unless_listed():
@@ -58,8 +63,12 @@ def test_dated_snapshots_fall_back_to_their_alias_unless_listed():
 
 def test_long_context_prices_apply_above_the_threshold(config_files):
     pricing, tiers = config_files
-    edit(pricing, lambda d: d["providers"]["openai"]["models"]["gpt-4o"].update(
-        long_context={"above_input_tokens": 1000, "input_per_1m": 5, "output_per_1m": 20}))
+    edit(
+        pricing,
+        lambda d: d["providers"]["openai"]["models"]["gpt-4o"].update(
+            long_context={"above_input_tokens": 1000, "input_per_1m": 5, "output_per_1m": 20}
+        ),
+    )
     model = load_config(pricing, tiers).prices.find("openai", "gpt-4o")
     assert model.cost_micro(Usage(input_tokens=1000, output_tokens=100)) == 1000 * 2.5 + 100 * 10
     assert model.cost_micro(Usage(input_tokens=1001, output_tokens=100)) == 1001 * 5 + 100 * 20
@@ -103,8 +112,8 @@ def test_config_check_cli_exit_codes(config_files):
     assert f"{tiers}: tiers.free.providers: Field required" in bad.stderr
 
 
-async def _until(predicate, timeout: float = 3.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _until(predicate, within: float = 3.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"
         await asyncio.sleep(0.05)
@@ -132,3 +141,32 @@ async def test_edits_reload_without_restart_and_bad_edits_keep_the_last_good(con
     tiers.write_text((ROOT / "tiers.yaml").read_text())
     await _until(lambda: metrics.CONFIG_RELOAD_OK._value.get() == 1)
     await client.chat.completions.create(model="gpt-4.1", messages=[], max_tokens=5)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (0, "greater than 0"),
+        (-1, "greater than 0"),
+        (1.23456, "no more than 4 decimal places"),
+        ("lots", "valid decimal"),
+    ],
+)
+def test_max_request_credits_is_a_positive_amount_of_credits(config_files, value, problem):
+    pricing, tiers = config_files
+    edit(tiers, lambda d: d["tiers"]["starter"].update(max_request_credits=value))
+    assert any("tiers.starter.max_request_credits" in p and problem in p for p in problems(pricing, tiers)), problems(
+        pricing, tiers
+    )
+
+
+def test_max_request_credits_is_exact_in_micro_dollars(config_files):
+    pricing, tiers = config_files
+    edit(tiers, lambda d: d["tiers"]["starter"].update(max_request_credits="2.5001"))
+    assert load_config(pricing, tiers).tiers.tiers["starter"].max_request_micro == 25_001
+
+
+def test_default_service_tier_takes_only_a_known_tier(config_files):
+    pricing, tiers = config_files
+    edit(pricing, lambda d: d["providers"]["openai"].update(default_service_tier="scale"))
+    assert any("providers.openai.default_service_tier" in p for p in problems(pricing, tiers))

@@ -9,13 +9,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 
 async def _scrape(proxy_url: str) -> dict[tuple[str, frozenset], float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{proxy_url}/metrics") as resp:
-            text = await resp.text()
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy_url}/metrics") as resp:
+        text = await resp.text()
     return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
+        (s.name, frozenset(s.labels.items())): s.value for family in text_string_to_metric_families(text) for s in family.samples
     }
 
 
