@@ -15,6 +15,8 @@ two ledger scripts per request.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
+
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from multidict import CIMultiDict
 
@@ -25,8 +27,17 @@ from .mock_server import serve_from_command_line
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
-        "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Content-Encoding",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+        "Content-Encoding",
     )
 )
 SESSION = web.AppKey("session", ClientSession)
@@ -34,15 +45,18 @@ UPSTREAM = web.AppKey("upstream", str)
 TIMEOUT = ClientTimeout(total=None, sock_connect=10, sock_read=300)
 
 
-def _headers(headers) -> CIMultiDict[str]:
+def _headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     async with request.app[SESSION].request(
-        request.method, request.app[UPSTREAM] + request.path_qs,
-        headers=_headers(request.headers), data=body or None, timeout=TIMEOUT,
+        request.method,
+        request.app[UPSTREAM] + request.path_qs,
+        headers=_headers(request.headers),
+        data=body or None,
+        timeout=TIMEOUT,
     ) as upstream:
         if upstream.content_type != "text/event-stream":
             return web.Response(status=upstream.status, body=await upstream.read(), headers=_headers(upstream.headers))
@@ -54,12 +68,12 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return response
 
 
-def floor_app(upstream: str, session_holder: dict) -> web.Application:
-    metered = upstream.startswith("ledger+")
+def floor_app(upstream: str, session_holder: dict[str, ClientSession]) -> web.Application:
+    with_ledger = upstream.startswith("ledger+")
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[UPSTREAM] = upstream.removeprefix("ledger+").rstrip("/")
 
-    async def session_ctx(app: web.Application):
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # one pool per process, shared by every listener (like the proxy's one Forwarder session)
         if "session" not in session_holder:
             session_holder["session"] = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=True)
@@ -69,7 +83,7 @@ def floor_app(upstream: str, session_holder: dict) -> web.Application:
             await session_holder["session"].close()
 
     app.cleanup_ctx.append(session_ctx)
-    if metered:
+    if with_ledger:
         from .ledger_floor import add_ledger, metered  # only this target imports proxy code
 
         add_ledger(app)
@@ -80,7 +94,7 @@ def floor_app(upstream: str, session_holder: dict) -> web.Application:
 
 
 def main() -> None:
-    session_holder: dict = {}
+    session_holder: dict[str, ClientSession] = {}
     serve_from_command_line(__doc__ or "", "UPSTREAM_URL", lambda upstream: floor_app(upstream, session_holder))
 
 

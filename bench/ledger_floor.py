@@ -18,17 +18,23 @@ benchmark account's ``BENCH_USER``, ``BENCH_KEY_ID`` and ``BENCH_TIER``.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from aiohttp import web
 from redis.asyncio import Redis
 
-from proxy.ledger import Ledger, new_id
+from proxy.ledger import CycleLimits, Hold, Ledger, Policy, Renewal, UsageEvent, new_id, progress_record
 from proxy.ledger.pipeline import RedisPipeline
 
 LEDGER = web.AppKey("ledger", Ledger)
 HOLD_MICRO, COST_MICRO = 12_000, 345
-CYCLE_MS = 30 * 86_400_000
+#: a price version as the proxy's events carry one (its length is what costs)
+VERSION = "0123456789abcdef"
+CYCLE = Renewal(cycle_ms=30 * 86_400_000)
+UNLIMITED = CycleLimits(
+    allowance=0, monthly_tokens=None, monthly_requests=None, rpm=None, policy=Policy.LENIENT, warning_permille=1000
+)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,23 +44,27 @@ def metered(forward: Handler) -> Handler:
     """``forward`` (the floor's handler) between an admission and a settlement."""
 
     async def metered_forward(request: web.Request) -> web.StreamResponse:
-        ledger, user = request.app[LEDGER], os.environ["BENCH_USER"]
-        hold_id = new_id("hold")
+        ledger, tier = request.app[LEDGER], os.environ["BENCH_TIER"]
+        hold = Hold(new_id("hold"), os.environ["BENCH_USER"], HOLD_MICRO)
+        # the same event as the proxy's, so the worker does the same work per row; the hold
+        # starts with a progress record of the prompt alone, as the proxy's does
+        usage = UsageEvent(
+            key_id=os.environ["BENCH_KEY_ID"], provider="bench", model="bench", tier=tier, input_tokens=9, price_version=VERSION
+        )
         admitted = await ledger.admit(
-            user_id=user, tier=os.environ["BENCH_TIER"], hold_id=hold_id, hold_micro=HOLD_MICRO, strict=False,
-            monthly_tokens=None, monthly_requests=None, rpm=None, hold_ttl_ms=900_000, allowance_micro=0,
-            renewal=lambda now: (CYCLE_MS, 0, 0),
+            hold,
+            tier=tier,
+            limits=UNLIMITED,
+            hold_ttl_ms=900_000,
+            renewal=lambda now: CYCLE,
+            progress=progress_record(COST_MICRO, usage),
         )
-        if admitted.reason != "ok":
-            return web.Response(status=403, text=f"refused: {admitted.reason}")
+        if not admitted.admitted:
+            return web.Response(status=403, text=f"refused: {admitted.refusal}")
         response = await forward(request)
-        # the same event fields as the proxy's, so the worker does the same work per row
-        await ledger.post(
-            user_id=user, hold_id=hold_id, hold_micro=HOLD_MICRO, cost_micro=COST_MICRO, tokens=25,
-            event={"key": os.environ["BENCH_KEY_ID"], "provider": "bench", "model": "bench", "tier": os.environ["BENCH_TIER"],
-                   "in": 9, "cached": 0, "cache_write": 0, "out": 16, "reasoning": 0, "estimated": 0,
-                   "stream": int(not isinstance(response, web.Response)), "status": response.status, "ms": 1},
-        )
+        stream = not isinstance(response, web.Response)
+        usage = replace(usage, output_tokens=16, stream=stream, status=response.status, latency_ms=1)
+        await ledger.post(hold, cost=COST_MICRO, usage=usage, limits=UNLIMITED)
         return response
 
     return metered_forward
@@ -63,9 +73,9 @@ def metered(forward: Handler) -> Handler:
 def add_ledger(app: web.Application) -> None:
     """Give a floor app the contract's ledger work per request."""
 
-    async def ledger_ctx(app: web.Application):
+    async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         url = os.environ["BENCH_REDIS_URL"]
-        redis, pipeline = Redis.from_url(url), RedisPipeline(url)
+        redis, pipeline = Redis.from_url(url), RedisPipeline.from_url(url)
         app[LEDGER] = Ledger(redis, os.environ["BENCH_REDIS_PREFIX"], pipeline)
         yield
         pipeline.close()

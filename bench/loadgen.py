@@ -22,13 +22,35 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from typing import Any
 
 import orjson
 import uvloop
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 
-async def measure(cmd: dict) -> dict:
+async def one_request(
+    session: ClientSession, method: str, url: str, headers: dict[str, str], body: bytes | None, done_marker: bytes | None
+) -> tuple[bool, float, str]:
+    """One request: (succeeded, time of its first body byte for a stream, why it failed).
+    ``done_marker`` None reads a whole answer; else a stream whose end must carry it (b"": any end)."""
+    first = 0.0
+    try:
+        async with session.request(method, url, headers=headers, data=body) as resp:
+            if done_marker is None:
+                ok = resp.status == 200 and bool(await resp.read())
+            else:
+                tail = b""
+                async for chunk in resp.content.iter_any():
+                    first = first or time.perf_counter()
+                    tail = (tail + chunk)[-64:]
+                ok = resp.status == 200 and (not done_marker or tail.rstrip().endswith(done_marker))
+            return ok, first, "" if ok else f"status {resp.status}"
+    except Exception as exc:  # any failure is an error sample, the loop goes on
+        return False, first, repr(exc)
+
+
+async def measure(cmd: dict[str, Any]) -> dict[str, Any]:
     url, method, stream = cmd["url"], cmd.get("method", "POST"), bool(cmd.get("stream"))
     headers = cmd.get("headers") or {}
     body = cmd["body"].encode("latin-1") if cmd.get("body") else None
@@ -51,25 +73,7 @@ async def measure(cmd: dict) -> dict:
                 t0 = perf()
                 if t0 >= end:
                     return
-                first = 0.0
-                ok = False
-                why = ""
-                try:
-                    async with session.request(method, url, headers=headers, data=body) as resp:
-                        if stream:
-                            tail = b""
-                            async for chunk in resp.content.iter_any():
-                                if not first:
-                                    first = perf()
-                                tail = (tail + chunk)[-64:]
-                            ok = resp.status == 200 and (not done_marker or tail.rstrip().endswith(done_marker))
-                        else:
-                            payload = await resp.read()
-                            ok = resp.status == 200 and bool(payload)
-                        if not ok:
-                            why = f"status {resp.status}"
-                except Exception as exc:  # any failure is an error sample, the loop goes on
-                    why = repr(exc)
+                ok, first, why = await one_request(session, method, url, headers, body, done_marker if stream else None)
                 t1 = perf()
                 if t0 < start:
                     continue

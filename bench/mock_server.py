@@ -1,6 +1,6 @@
-"""Run mock upstreams from ``tests/mock_upstreams.py`` in their own process, on uvloop.
+"""Run mock upstreams from ``tests/support/mock_upstreams.py`` in their own process, on uvloop.
 
-    python -m bench.mock_server --listen 8001=tests.mock_upstreams:openai_app [--listen ...]
+    python -m bench.mock_server --listen 8001=tests.support.mock_upstreams:openai_app [--listen ...]
 
 The mocks record every request in ``app[RECEIVED]`` for the tests; here that list is
 replaced by a short ring buffer so a long benchmark does not grow the mock's memory (and
@@ -22,11 +22,11 @@ from aiohttp import web
 
 def load_app(spec: str) -> web.Application:
     module, _, factory = spec.partition(":")
-    app = getattr(importlib.import_module(module), factory)()
-    from tests.mock_upstreams import RECEIVED
+    app: web.Application = getattr(importlib.import_module(module), factory)()
+    from tests.support.mock_upstreams import RECEIVED
 
     if RECEIVED in app:
-        app[RECEIVED] = collections.deque(maxlen=64)  # type: ignore[assignment]
+        app[RECEIVED] = collections.deque(maxlen=64)  # type: ignore[misc]  # a capped deque for the list
     return app
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -37,7 +38,10 @@ STAGES = [
 # stacks outside any handler/proxy frame, by the first frame under the event loop
 _LOOSE = [
     ("redis-py outside the awaiting coroutine (command writes, reply callbacks)", ("redis/",)),
-    ("aiohttp client tasks/callbacks (request body write, response parsing)", ("aiohttp/client", "aiohttp/connector", "aiohttp/streams")),
+    (
+        "aiohttp client tasks/callbacks (request body write, response parsing)",
+        ("aiohttp/client", "aiohttp/connector", "aiohttp/streams"),
+    ),
     ("asyncio plumbing (tasks, futures, shields)", ("asyncio/",)),
 ]
 
@@ -99,7 +103,9 @@ def _loose_stage(frames: list[tuple[str, str]]) -> str:
         return "event loop itself (uvloop C: epoll, socket I/O)"
     first = module_of(frames[loop_at + 1][1]) if loop_at + 1 < len(frames) else ""
     for label, prefixes in _LOOSE:
-        if any(first.startswith(p) or f"/{p}" in first for p in prefixes) or any(first.startswith("stdlib/" + p) for p in prefixes):
+        if any(first.startswith(p) or f"/{p}" in first for p in prefixes) or any(
+            first.startswith("stdlib/" + p) for p in prefixes
+        ):
             return label
     return "other callbacks"
 
@@ -155,7 +161,7 @@ def summarize_file(path: Path, top: int = 25, us_per_request: float | None = Non
         us = f"  {n / total * us_per_request:6.0f} µs" if us_per_request else ""
         return f"{100 * n / total:5.1f}%{us}"
 
-    def section(title: str, rows) -> list[str]:
+    def section(title: str, rows: Iterable[tuple[str, int]]) -> list[str]:
         return ["", title] + [f"  {pct(n)}  {k}" for k, n in rows]
 
     out = [f"{path.name}: {total} samples (non-idle)" + (f", {us_per_request:.0f} µs CPU per request" if us_per_request else "")]
@@ -164,7 +170,17 @@ def summarize_file(path: Path, top: int = 25, us_per_request: float | None = Non
     out += section("Self time by module (top):", self_mod.most_common(top))
     own = [(k, n) for k, n in incl_fn.most_common() if "(proxy/" in k or "(bench/" in k]
     out += section("Inclusive time of costproxy / floor functions:", own[:top])
-    notable = ("redis/", "prometheus_client/", "aiohttp/client", "web_response", "web_protocol", "http_writer", "uuid", "hashlib", "orjson")
+    notable = (
+        "redis/",
+        "prometheus_client/",
+        "aiohttp/client",
+        "web_response",
+        "web_protocol",
+        "http_writer",
+        "uuid",
+        "hashlib",
+        "orjson",
+    )
     libs = [(k, n) for k, n in incl_fn.most_common() if any(s in k for s in notable)]
     out += section("Inclusive time of library entry points (top):", libs[:top])
     out += section("Self time by function (top):", self_fn.most_common(top))

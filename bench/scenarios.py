@@ -44,9 +44,9 @@ class BenchProvider:
     operator_auth: Callable[[str], dict[str, str]] = bearer  # what direct/floor send upstream
 
 
-OPENAI = BenchProvider(name="openai", mock="tests.mock_upstreams:openai_app", env="OPENAI")
-ANTHROPIC = BenchProvider("anthropic", "tests.mock_anthropic:anthropic_app", "ANTHROPIC", x_api_key, x_api_key)
-GEMINI = BenchProvider("google", "tests.mock_google:google_app", "GOOGLE", x_goog_api_key, x_goog_api_key)
+OPENAI = BenchProvider(name="openai", mock="tests.support.mock_upstreams:openai_app", env="OPENAI")
+ANTHROPIC = BenchProvider("anthropic", "tests.support.mock_anthropic:anthropic_app", "ANTHROPIC", x_api_key, x_api_key)
+GEMINI = BenchProvider("google", "tests.support.mock_google:google_app", "GOOGLE", x_goog_api_key, x_goog_api_key)
 
 OPERATOR_KEY = "sk-bench"
 
@@ -67,13 +67,14 @@ class Scenario:
     def body_bytes(self) -> bytes:
         return orjson.dumps(self.body)
 
-    def request(self, target: str, bases: dict[str, str], proxy_key: str) -> tuple[str, dict[str, str]]:
-        """(url, headers) of this scenario for ``target`` (direct | floor | proxy)."""
+    def request(self, kind: str, base: str, proxy_key: str) -> tuple[str, dict[str, str]]:
+        """(url, headers) of this scenario for a target of ``kind`` (direct | floor | ledger-floor |
+        proxy) listening at ``base``."""
         headers = {"Content-Type": "application/json", **self.headers}
-        if target == "proxy":
-            return f"{bases['proxy']}/{self.provider.name}{self.path}", {**headers, **self.provider.caller_auth(proxy_key)}
+        if kind == "proxy":
+            return f"{base}/{self.provider.name}{self.path}", {**headers, **self.provider.caller_auth(proxy_key)}
         # direct and floor carry the operator key, as the proxy does upstream
-        return f"{bases[target]}{self.path}", {**headers, **self.provider.operator_auth(OPERATOR_KEY)}
+        return f"{base}{self.path}", {**headers, **self.provider.operator_auth(OPERATOR_KEY)}
 
 
 _CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16}
@@ -83,13 +84,33 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         Scenario("openai-chat", OPENAI, "/v1/chat/completions", _CHAT, stream=False),
         # no stream_options: the proxy injects include_usage and strips the usage chunk again
-        Scenario("openai-chat-stream", OPENAI, "/v1/chat/completions", {**_CHAT, "stream": True}, stream=True,
-                 done_marker="data: [DONE]"),
-        Scenario("anthropic-messages-stream", ANTHROPIC, "/v1/messages",
-                 {"model": "claude-haiku-4-5", "max_tokens": 16, "stream": True, "messages": [{"role": "user", "content": "Say hello."}]},
-                 stream=True, headers={"anthropic-version": "2023-06-01"}),
-        Scenario("gemini-stream", GEMINI, "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
-                 {"contents": [{"role": "user", "parts": [{"text": "Say hello."}]}], "generationConfig": {"maxOutputTokens": 16}},
-                 stream=True),
+        Scenario(
+            "openai-chat-stream",
+            OPENAI,
+            "/v1/chat/completions",
+            {**_CHAT, "stream": True},
+            stream=True,
+            done_marker="data: [DONE]",
+        ),
+        Scenario(
+            "anthropic-messages-stream",
+            ANTHROPIC,
+            "/v1/messages",
+            {
+                "model": "claude-haiku-4-5",
+                "max_tokens": 16,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Say hello."}],
+            },
+            stream=True,
+            headers={"anthropic-version": "2023-06-01"},
+        ),
+        Scenario(
+            "gemini-stream",
+            GEMINI,
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            {"contents": [{"role": "user", "parts": [{"text": "Say hello."}]}], "generationConfig": {"maxOutputTokens": 16}},
+            stream=True,
+        ),
     )
 }
