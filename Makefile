@@ -10,13 +10,13 @@ PORT   ?= 8080
 WORKER_PORT ?= 9101
 WEBHOOK_PORT ?= 8090
 
-.PHONY: install run test bench stop check clean system-tools
+.PHONY: install run test test-faults lint format bench stop check clean system-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "Python 3.11 or newer is required")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[embedded,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,8 +45,22 @@ system-tools:
 	    || echo "could not install them: the browser and promtool tests will skip"; \
 	fi
 
+# ruff (lint and format) over everything, mypy --strict over the package and the benchmark.
+lint: install
+	$(BIN)/ruff check proxy bench tests
+	$(BIN)/ruff format --check proxy bench tests
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix proxy bench tests
+	$(BIN)/ruff format proxy bench tests
+
 test: install system-tools
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not faults"
+
+# Real processes killed, stopped and flushed under traffic, each ending with `ledger check`.
+test-faults: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m faults -s tests/faults
 
 bench: install
 	$(BIN)/python -m bench.run
