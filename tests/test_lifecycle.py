@@ -45,6 +45,15 @@ async def _stream(url: str, api_key: str, chunks: int) -> bytes:
         return await r.read()
 
 
+async def _open_holds(ledger, user_id: str, count: int) -> bool:
+    found = await ledger.account(user_id)
+    return found is not None and found.open_holds == count
+
+
+def _readyz_refuses(url: str) -> bool:
+    return answers(f"{url}/readyz") == 503
+
+
 async def test_sigterm_during_live_streams_finishes_them_settles_every_hold_and_exits_0(
     live_settings, make_customer, ledger, redis, tmp_path
 ):
@@ -52,10 +61,10 @@ async def test_sigterm_during_live_streams_finishes_them_settles_every_hold_and_
     env = environment(live_settings, STOP_GRACE_SECONDS="1")
     with costproxy(["serve"], env, tmp_path / "serve.log") as proxy:
         streams = [asyncio.create_task(_stream(proxy.url, customer.api_key, chunks=60)) for _ in range(10)]
-        await asyncio.sleep(0.5)  # every stream is running, a few chunks in
+        await until(lambda: _open_holds(ledger, customer.user_id, 10), within=10, what="every stream to be running")
         proxy.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.2)
-        assert await asyncio.to_thread(answers, f"{proxy.url}/readyz") == 503  # load balancers stop sending at once
+        # load balancers stop sending at once
+        await until(lambda: asyncio.to_thread(_readyz_refuses, proxy.url), within=5, what="/readyz to answer 503")
         bodies = await asyncio.gather(*streams)
         code = await asyncio.to_thread(proxy.process.wait, 30)
         assert await asyncio.to_thread(answers, f"{proxy.url}/healthz") is None  # the port is closed

@@ -112,14 +112,15 @@ async def test_a_spool_left_by_a_killed_process_is_adopted_and_posted_exactly_on
 @pytest.fixture
 def settings(settings):
     """Holds that expire fast unless renewed, renewed fast."""
-    return replace(settings, hold_ttl_seconds=0.6, heartbeat_seconds=0.15)
+    # ten beats to a TTL: a busy machine's stalled event loop does not let a live hold lapse
+    return replace(settings, hold_ttl_seconds=1.0, heartbeat_seconds=0.1)
 
 
 async def test_a_live_stream_keeps_its_hold_past_the_ttl_and_strict_never_goes_below_zero(make_customer, start_proxy, ledger):
     proxy = await start_proxy({"openai": openai_app()})
     customer = await make_customer("free", balance_micro=1_000)  # strict; one request's worst case fits, two do not
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 1000}
-    auth = {"Authorization": f"Bearer {customer.api_key}", "x-mock-scenario": "slow", "x-mock-chunks": "40"}
+    auth = {"Authorization": f"Bearer {customer.api_key}", "x-mock-scenario": "slow", "x-mock-chunks": "60"}
     swept = 0
 
     async def sweeper() -> None:
@@ -133,7 +134,7 @@ async def test_a_live_stream_keeps_its_hold_past_the_ttl_and_strict_never_goes_b
         url = f"{proxy.url}/openai/v1/chat/completions"
         async with aiohttp.ClientSession() as http, http.post(url, json=body, headers=auth) as stream:
             await stream.content.readany()
-            await asyncio.sleep(1.2)  # twice the hold's TTL into the stream
+            await asyncio.sleep(2.0)  # twice the hold's TTL into the 3 s stream
             second = await http.post(url, json={**body, "stream": False}, headers=auth)
             assert second.status == 403 and (await second.json())["error"]["code"] == "insufficient_credits"
             await stream.read()

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 import asyncpg
+import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.config import ConfigStore
@@ -108,7 +109,13 @@ async def test_a_hold_posted_at_expiry_by_the_worker_carries_its_version(
     ):
         request_id = resp.headers[REQUEST_ID_HEADER]
         await resp.content.readany()
-        await asyncio.sleep(0.3)  # heartbeats record the output relayed so far
+        progress = ledger.keys.progress(customer.user_id)
+
+        async def output_recorded() -> bool:
+            record = await redis.hget(progress, request_id)
+            return record is not None and orjson.loads(record.split(b" ", 2)[2]).get("out", 0) > 0
+
+        await until(output_recorded, within=10, what="a heartbeat to record the output relayed so far")
         keeper = proxy.app[FORWARDER].keeper
 
         async def dead() -> int:

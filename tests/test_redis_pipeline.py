@@ -13,6 +13,8 @@ from proxy.ledger.ledger import SETTLE_SECONDS
 from proxy.ledger.pipeline import TRANSIENT_ERRORS, BusyScriptError, NoReplicasError, NotSentError, RedisPipeline
 from proxy.spool import Spool
 
+from .support.waiting import until
+
 
 class ToyServer:
     """A TCP server that either never reads (a stalled Redis) or answers every command
@@ -102,8 +104,8 @@ async def test_a_refused_password_closes_its_socket():
         for _ in range(3):
             with pytest.raises(ResponseError, match="WRONGPASS"):
                 await pipeline.execute("PING")
-        await asyncio.sleep(0.1)
-        assert toy.connections == 3 and toy.open == 0
+        await until(lambda: toy.open == 0, within=5, what="every refused connection to close")
+        assert toy.connections == 3
         pipeline.close()
 
 

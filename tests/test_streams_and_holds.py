@@ -16,6 +16,7 @@ from proxy.worker import expire_holds
 from .support.accounts import Customer, account, settled
 from .support.mock_upstreams import RECEIVED, openai_app
 from .support.money import ALLOWANCE
+from .support.waiting import until
 
 
 @pytest.fixture
@@ -285,6 +286,12 @@ async def test_an_admission_that_never_reached_redis_releases_nothing(make_custo
     assert voids == [] and not proxy.received("openai")
 
 
+async def charged_once(ledger, user_id: str) -> bool:
+    """The account has counted one request and has no open hold."""
+    found = await account(ledger, user_id)
+    return found.requests == 1 and found.open_holds == 0
+
+
 async def test_client_leaving_before_the_headers_is_still_charged_the_real_usage(make_customer, proxy_url, ledger):
     customer = await make_customer("starter")
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -296,7 +303,8 @@ async def test_client_leaving_before_the_headers_is_still_charged_the_real_usage
                 timeout=aiohttp.ClientTimeout(total=0.1),
                 headers={"Authorization": f"Bearer {customer.api_key}", "x-mock-scenario": "late"},
             )
-    await asyncio.sleep(0.4)
+    # the proxy goes on after the client left: wait until it has admitted and settled the request
+    await until(lambda: charged_once(ledger, customer.user_id), within=10, what="the request to be charged")
     acct = await settled(ledger, customer.user_id)
     assert (acct.held, acct.balance) == (0, ALLOWANCE["starter"] - 345)  # the usage the upstream reported
 
