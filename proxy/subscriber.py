@@ -69,7 +69,12 @@ async def credits_handler(request: web.Request) -> web.Response:
             "balance_micro_usd": account.balance,
             "held_micro_usd": account.held,
             "available_micro_usd": account.available,
-            "usage": {"tokens": account.tokens, "requests": account.requests, "cost_usd": account.cost / MICRO_PER_USD},
+            "usage": {
+                "tokens": account.tokens,
+                "requests": account.requests,
+                "cost_micro_usd": account.cost,  # exact; cost_usd is the same as a JSON number
+                "cost_usd": account.cost / MICRO_PER_USD,
+            },
             "limits": {
                 "monthly_tokens": tier.monthly_tokens if tier else None,
                 "monthly_requests": tier.monthly_requests if tier else None,

@@ -289,7 +289,7 @@ async def test_api_credits_reports_balance_usage_limits_and_cycle(make_customer,
     assert data["tier"] == "professional"
     assert data["balance_micro_usd"] == ALLOWANCE["professional"] - 345
     assert data["held_micro_usd"] == 0
-    assert data["usage"] == {"tokens": 1500, "requests": 1, "cost_usd": 0.000345}
+    assert data["usage"] == {"tokens": 1500, "requests": 1, "cost_micro_usd": 345, "cost_usd": 0.000345}
     assert data["limits"]["monthly_tokens"] == 5_000_000 and data["limits"]["monthly_requests"] == 10_000
     assert data["cycle"]["start"].endswith("Z") and data["cycle"]["end"] > data["cycle"]["start"]
 
