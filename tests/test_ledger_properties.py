@@ -34,6 +34,7 @@ import itertools
 import math
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -317,17 +318,23 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(
         target=holds,
         requests=st.lists(
-            st.tuples(WHO, AMOUNTS, TTLS, ADMIT_RECORDS, st.integers(0, 11).map(lambda n: n == 0)), min_size=1, max_size=3
+            st.tuples(WHO, AMOUNTS, TTLS, ADMIT_RECORDS, st.integers(0, 11).map(lambda n: n == 0), st.booleans()),
+            min_size=1,
+            max_size=3,
         ),
         calendar=st.booleans(),
     )
-    def admit(self, requests: list[tuple[int, int | str, int, bytes, bool]], calendar: bool) -> MultipleResults[Hold]:
-        """Requests arrive one after the other (some priced for a tier the account left)."""
+    def admit(self, requests: list[tuple[int, int | str, int, bytes, bool, bool]], calendar: bool) -> MultipleResults[Hold]:
+        """Requests arrive one after the other (some priced for a tier the account left).
+        Some are stamped by the real clock, which resolve.lua's lost-admission rule reads
+        (Redis's ``TIME``): a post of such a hold that was refused or never placed is
+        charged. The machine's own clock is years behind, so the others never are."""
         holds = []
-        for who, worst_case, ttl, record, wrong_tier in requests:
+        for who, worst_case, ttl, record, wrong_tier, real_clock in requests:
             user, now = self.user(who), self.env.clock.now
             amount = self.amount(user, worst_case)
-            hold = Hold(f"h{next(self.hold_ids)}", user, amount, placed_at=now)
+            placed_at = time.time_ns() // 1_000_000 if real_clock else now
+            hold = Hold(f"h{next(self.hold_ids)}", user, amount, placed_at=placed_at)
             tier = "other" if wrong_tier else self.tier(user)
             renewal = Renewal(0, now - 5, now + CYCLE_MS) if calendar else Renewal(CYCLE_MS)
             kwargs = {"tier": tier, "limits": self.limits(user), "hold_ttl_ms": ttl, "progress": record}
@@ -364,22 +371,27 @@ class LedgerMachine(RuleBasedStateMachine):
             self.dirty.add(hold.account)
         return value
 
+    def _model_post(self, hold: Hold, value: int, tokens: int, limits: CycleLimits) -> Resolution | None:
+        """The model's post of ``hold``. A charge of a hold this Redis never admitted (its
+        admission lost in a failover) had no reservation: the account may leave its bound."""
+        acct = self.model.accounts.get(hold.account)
+        unadmitted = acct is not None and hold.id not in acct.pending
+        resolved = self.model.settle(hold, "post", now=self.env.clock.now, cost=value, tokens=tokens, limits=limits)
+        if resolved is not None and unadmitted:
+            self.dirty.add(hold.account)
+            event("post: charged a hold never admitted here")
+        return resolved
+
     @rule(hold=holds, cost=COSTS, tokens=TOKENS, data=st.data(), live=weighted((3, st.just(True)), (1, st.just(False))))
     def post(self, hold: Hold, cost: int | str, tokens: int | str, data: st.DataObject, live: bool) -> None:
         hold = self.pick(data, hold, live)
         tokens = self.tokens(hold.account, tokens)
         value, limits = self._cost(hold, cost), self.limits(hold.account)
 
-        def model() -> Resolution:
-            acct = self.model.accounts.get(hold.account)
-            unadmitted = acct is not None and hold.id not in acct.pending
-            resolved = self.model.settle(hold, "post", now=self.env.clock.now, cost=value, tokens=tokens, limits=limits)
-            if resolved is not None and unadmitted:  # a hold this Redis never admitted (lost in a failover): no reservation
-                self.dirty.add(hold.account)
-                event("post: charged a hold never admitted here")
-            return resolved or self.duplicate(hold.account)
-
-        resolution = self.same(model, self.ledger.post(hold, cost=value, usage=usage(tokens), limits=limits))
+        resolution = self.same(
+            lambda: self._model_post(hold, value, tokens, limits) or self.duplicate(hold.account),
+            self.ledger.post(hold, cost=value, usage=usage(tokens), limits=limits),
+        )
         event(f"post: {'no account' if resolution is None else 'duplicate' if resolution.duplicate else 'charged'}")
 
     @rule(hold=holds, data=st.data(), live=weighted((3, st.just(True)), (1, st.just(False))))
@@ -452,10 +464,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if mode == "post" and through_post:  # Ledger.post called twice: the second is a duplicate
             for _ in range(2):
                 self.same(
-                    lambda: (
-                        self.model.settle(hold, "post", now=now, cost=value, tokens=tokens, limits=limits)
-                        or self.duplicate(hold.account)
-                    ),
+                    lambda: self._model_post(hold, value, tokens, limits) or self.duplicate(hold.account),
                     self.ledger.post(hold, cost=value, usage=usage(tokens), limits=limits),
                 )
             return
@@ -466,7 +475,11 @@ class LedgerMachine(RuleBasedStateMachine):
             "expire": lambda: expire_call(keys, hold, now=now),
         }[mode]()
         first = self.same(
-            lambda: self.model.settle(hold, mode, now=now, cost=value, tokens=tokens, limits=limits),
+            lambda: (
+                self._model_post(hold, value, tokens, limits)
+                if mode == "post"
+                else self.model.settle(hold, mode, now=now, cost=value, tokens=tokens, limits=limits)
+            ),
             self.ledger.run_settlement(call),
         )
         second = self.same(
