@@ -247,6 +247,8 @@ class UsageLog:
         ledger_rows, usage_rows, warnings = [], [], []
         for _, entries in batch:
             for entry_id, raw in entries:
+                if not raw:  # deleted while pending (`ledger rebuild --force` drops unwritten entries): only acknowledged
+                    continue
                 entry = decode_entry({k.decode(): v.decode() for k, v in raw.items()}, text(entry_id))
                 if isinstance(entry, UsageWarning):
                     warnings.append(entry)

@@ -210,6 +210,8 @@ async def test_a_forced_rebuild_of_a_live_account_keeps_its_holds_and_drops_its_
     )  # fmt: skip
     assert admitted.admitted
     await ledger.credit(customer.user_id, amount=-123, kind=EntryKind.GRANT, reason="never written")  # still in the stream
+    read = await usage_log._read(">")  # the worker read it and could not write it (say, no replica acknowledged)
+    assert [len(entries) for _, entries in read] == [1]
 
     mirror = KeyMirror(redis, settings.redis_prefix)
     done = await rebuild(ledger, pool, mirror, accounts.config.tiers, user=customer.user_id, force=True)
@@ -219,7 +221,12 @@ async def test_a_forced_rebuild_of_a_live_account_keeps_its_holds_and_drops_its_
 
     posted = await ledger.post(hold, cost=321, usage=usage, limits=starter.limits)
     assert posted is not None and (posted.duplicate, posted.balance, posted.held) == (False, ALLOWANCE["starter"] - 321, 0)
+    # the worker's pending list still names the dropped entry: it is acknowledged, nothing written
+    assert await usage_log.drain_once(pending_first=True) == 0
     await _drained(usage_log)
+    assert await redis.xpending(ledger.keys.stream(customer.user_id), GROUP) == {
+        "pending": 0, "min": None, "max": None, "consumers": []
+    }  # fmt: skip
     assert (await check(ledger, pool, user=customer.user_id, wait=0)).clean
 
 
