@@ -200,6 +200,9 @@ def test_models_and_options_keep_their_refusals():
     responses = {"model": "gpt-4o-mini", "input": "hi", "max_output_tokens": 10}
     assert refused(OPENAI, "v1/responses", {**responses, "background": True}).code == "unsupported_option"
     assert inspect(OPENAI, "v1/responses", {**responses, "background": False}).max_output_tokens == 10
+    for field, value in (("models", ["anthropic/claude-opus-4.6"]), ("route", "fallback"), ("plugins", [{"id": "web"}])):
+        assert refused(OPENAI, "v1/chat/completions", {**CHAT, field: value}).code == "unsupported_option", field
+        assert refused(OPENAI, "v1/responses", {**responses, field: value}).code == "unsupported_option", field
     perf = {**CONVERSE, "performanceConfig": {"latency": "optimized"}}
     assert refused(BEDROCK, "model/m/converse", perf).code == "unsupported_option"
     both = {**GEMINI, "serviceTier": "flex", "service_tier": "priority"}

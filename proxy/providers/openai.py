@@ -28,6 +28,10 @@ ENDPOINTS = EndpointTable(
         Endpoint("GET", "v1/models/{model}", "model", free=True),
     ]
 )
+#: Body fields by which an OpenAI-compatible router (OpenRouter) may answer with a model
+#: other than ``model`` (``models`` fallbacks, ``route``) or add per-use fees (``plugins``,
+#: e.g. web search): the usage it reports would be priced as the wrong model.
+UNPRICED_ROUTING = ("models", "route", "plugins")
 # Stream events of the Responses API that carry the final usage.
 _RESPONSE_DONE = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # What OpenAI adds to every chunk once include_usage is on; removed when we added it.
@@ -189,6 +193,13 @@ class OpenAIProvider(Provider):
         """
         payload = require_object(payload)
         model = model or require_model(payload)
+        if unpriced := [name for name in UNPRICED_ROUTING if name in payload]:
+            raise ProxyError(
+                400,
+                "unsupported_option",
+                f"{', '.join(unpriced)}: fallback models, routes and plugins let another model than "
+                f"{model!r} answer or add fees per use, which this gateway cannot price; leave them out.",
+            )
         stream = optional_bool(payload, "stream")
         requested = optional_str(payload, "service_tier")
         # embeddings have one tier: a priority project default does not apply to them
