@@ -122,11 +122,14 @@ async def test_a_hold_posted_at_expiry_by_the_worker_carries_its_version(
             return 0
 
         monkeypatch.setattr(keeper, "beat", dead)
-        await asyncio.sleep(0.15)  # a beat already on its way lands before the expiry below
         holds = ledger.keys.holds(customer.user_id)
         (member,) = [m async for m, _ in redis.zscan_iter(holds, match=f"{request_id}|*")]
-        await redis.zadd(holds, {member: 1})  # its expiry passed
-        assert await expire_holds(ledger) == 1
+
+        async def expired() -> bool:
+            await redis.zadd(holds, {member: 1})  # its expiry passed
+            return await expire_holds(ledger) == 1  # 0 while a beat already on its way renewed it
+
+        await until(expired, within=10, what="the hold to expire once its heartbeats stopped")
         await resp.read()  # the stream ends: its own post is a duplicate
     acct = await settled(ledger, customer.user_id)
     assert acct.requests == 1

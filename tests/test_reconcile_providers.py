@@ -341,7 +341,7 @@ async def test_worker_reconciles_the_day_once_stores_it_and_sets_the_gauge(traff
         if await has_result(pool, "openai", days[0]):
             break
         await asyncio.sleep(0.05)
-    await asyncio.sleep(0.3)  # several more rounds: the stored day is not run again
+    await settled.rounds(6)  # several more rounds (of the two workers): the stored day is not run again
     stop.set()
     await asyncio.wait_for(asyncio.gather(*workers), 5)
 

@@ -56,6 +56,7 @@ async def _held_back_while_the_replicas_are_stopped(
     finally:
         for pid in replicas:
             os.kill(pid, signal.SIGCONT)
+    log.replication_wait_ms = 5_000  # from here every batch must be acknowledged, however busy the machine
     # Read again from the consumer's pending entries, as the worker's loop does after an error.
     assert await log.drain_once(pending_first=True) == waiting
     assert await log.lag() == 0
@@ -102,7 +103,7 @@ async def test_what_a_promoted_replica_never_received_is_in_neither_postgres_nor
         ledger = Ledger(old, settings.redis_prefix)
         config = load_config(settings.pricing_file, settings.tiers_file)
         customer = await create_customer(Accounts(pool, ledger, KeyMirror(old, settings.redis_prefix), config), ledger, "starter")
-        log = UsageLog(old, ledger, pool, replication_wait_ms=300)
+        log = UsageLog(old, ledger, pool, replication_wait_ms=5_000)
         await log.ensure_groups()
         assert await log.drain_once() >= 1  # the account's opening, acknowledged by the replica
 
@@ -111,13 +112,14 @@ async def test_what_a_promoted_replica_never_received_is_in_neither_postgres_nor
         await until(lambda: old_primary.info("replication")["connected_slaves"] == 0, 10, "the old primary to lose its replica")
         await ledger.credit(customer.user_id, amount=5_000, kind=EntryKind.GRANT, reason="written to the old primary only")
         await log.refresh_replicas()  # the old primary has no replica now; it had one
+        log.replication_wait_ms = 300
         with pytest.raises(UnreplicatedError):
             await log.drain_once()
         lost = "SELECT count(*) FROM ledger WHERE user_id = $1 AND reason = 'written to the old primary only'"
         assert await pool.fetchval(lost, customer.user_id) == 0
 
         await asyncio.to_thread(replicate, primary.port, replica.port)  # the old primary rejoins and drops the grant
-        survivor = UsageLog(new, Ledger(new, settings.redis_prefix), pool, replication_wait_ms=300)
+        survivor = UsageLog(new, Ledger(new, settings.redis_prefix), pool, replication_wait_ms=5_000)
         survivor.consumer = log.consumer
         while await survivor.drain_once():
             pass
@@ -146,7 +148,7 @@ async def test_a_full_primary_is_still_drained_and_a_new_primary_without_replica
         ledger = Ledger(old, settings.redis_prefix)
         config = load_config(settings.pricing_file, settings.tiers_file)
         accounts = Accounts(pool, ledger, KeyMirror(old, settings.redis_prefix), config)
-        log = UsageLog(old, ledger, pool, replication_wait_ms=300)
+        log = UsageLog(old, ledger, pool, replication_wait_ms=5_000)
         await log.ensure_groups()  # the marks are written while there is room
         first = await create_customer(accounts, ledger, "starter")
         assert await log.drain_once() >= 1
@@ -171,6 +173,7 @@ async def test_a_full_primary_is_still_drained_and_a_new_primary_without_replica
             "starter",
         )
         log.redis = new  # as Sentinel's client follows the new primary
+        log.replication_wait_ms = 300
         with pytest.raises(UnreplicatedError):  # read from another server than the one it knew
             await log.drain_once(pending_first=True)
         while await log.drain_once(pending_first=True):

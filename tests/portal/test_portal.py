@@ -271,7 +271,7 @@ async def test_a_receipt_is_shown_to_its_owner_only(start_proxy, smtp):
         await until(receipt_found, 5, "the receipt")
         status, receipt = await ada.api("GET", f"usage/{request_id}")
         assert (status, receipt["id"], receipt["outcome"], receipt["model"]) == (200, request_id, "charged", "gpt-4o-mini")
-        assert receipt["cost_micro_usd"] > 0
+        assert receipt["cost_micro_usd"] == 345
         mine = await bob.api("GET", f"usage/{request_id}")
         unknown = await bob.api("GET", "usage/" + new_id("hold"))  # well formed, nobody's
         assert mine == unknown and mine[0] == 404  # another user's request is as unknown as none
