@@ -100,8 +100,12 @@ class Spool:
             if handle is not None:
                 self._adopted.append(_File(path, handle, _read(path)))
         name = f"spool-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}.jsonl"
-        own = _lock(self.directory / name)
+        # Created under a name the glob above does not match and renamed once locked: a
+        # process starting in the same instant would otherwise adopt it before the lock.
+        hidden = self.directory / f".{name}"
+        own = _lock(hidden)
         assert own is not None  # a name of our own: nobody else holds it
+        hidden.rename(self.directory / name)
         self._own = _File(self.directory / name, own)
         waiting = len(self)
         if waiting:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import replace
 
 from proxy.ledger import Hold, UsageEvent, new_id, progress_record
@@ -36,3 +37,23 @@ async def test_a_settlement_redis_refuses_stays_spooled_and_the_next_ones_are_po
     after = await account(ledger, customer.user_id)
     assert (after.balance, after.held, after.requests) == (ALLOWANCE["starter"] - 300, 2_000, 1)
     spool.close()
+
+
+def test_a_spool_being_created_is_not_adopted_by_a_process_starting_in_the_same_instant(tmp_path, monkeypatch):
+    """``serve --workers N`` starts N processes on one SPOOL_DIR at once: one of them must
+    not adopt another's new file between its creation and its lock (the other then failed
+    to start)."""
+    flock = fcntl.flock
+    rival = Spool(tmp_path)
+
+    def a_rival_starts_first(handle, operation):
+        monkeypatch.setattr(fcntl, "flock", flock)
+        rival.open()  # between the first process's creating its file and locking it
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", a_rival_starts_first)
+    first = Spool(tmp_path)
+    assert first.open() == 0 and rival._adopted == [] and first._adopted == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(s._own.path.name for s in (first, rival))  # type: ignore[union-attr]
+    first.close()
+    rival.close()
